@@ -1,0 +1,153 @@
+"""Training configuration: one dataclass, filled from a YAML file and `key=value` overrides.
+
+Loss weights mean what they mean in the latent-diffusion recipe (see README, "Loss scale"):
+`kl_weight = 1e-6` and `perceptual_weight = 1.0` are the published KL-f8 settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset name (`tiny`, `sd-kl-f8`) or a path to a diffusers VAE folder / config.json
+    model: str = "tiny"
+
+    # data: a folder of images (searched recursively) or a Hugging Face dataset (hub name or local path).
+    # Left empty, `sdvae train` runs the embedded demo on the photos that scikit-image ships.
+    data: str | None = None
+    image_column: str = "image"
+    data_split: str = "train"
+    streaming: bool = False
+    val_data: str | None = None  # folder or dataset of held-out images, scored with PSNR/SSIM
+    val_split: str = "validation"  # split of val_data when it is a Hugging Face dataset
+    val_max_images: int = 64
+    resolution: int = 256
+    random_flip: bool = True
+    num_workers: int = 2
+
+    # optimisation (Adam betas 0.5/0.9 as in the LDM recipe)
+    batch_size: int = 4
+    max_steps: int = 10_000
+    max_minutes: float = 0.0  # stop early after this wall time (0: no limit); the run still exports
+    learning_rate: float = 4.5e-6
+    scale_lr: bool = False  # multiply learning_rate by processes x batch_size x accumulation, as LDM does
+    optimizer: str = "adam"  # adam | adamw
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (fp32 master weights in every case)
+    seed: int = 0
+
+    # loss
+    rec_loss: str = "l1"  # l1 | mse
+    perceptual_weight: float = 1.0  # LPIPS (VGG); 0 does not load LPIPS at all
+    lpips_vgg_weights: str | None = None  # local vgg16 ImageNet weights; default: the torch hub cache
+    kl_weight: float = 1e-6
+    sample_posterior: bool = True  # z = mu + sigma * eps while training (False: use the mean)
+
+    # run folder, logging, checkpoints
+    output_dir: str = "runs/sdvae"
+    log_every: int = 10
+    sample_every: int = 500  # image grids to TensorBoard and samples/
+    checkpoint_every: int = 1000
+    checkpoints_total_limit: int = 3  # keep the last K checkpoints (0: keep all)
+    resume: str | None = None  # `latest` or a checkpoint folder
+    skip_log_limit: int = 20  # unreadable files named in the log before they are only counted
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _coerce(name: str, hint, value):
+    """Turn a YAML or command-line value into the field's type, with an error that names the key."""
+    if value is None or isinstance(value, str) and value.lower() in ("none", "null", "~"):
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ValueError(f"config key '{name}' cannot be empty")
+    base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    base = base[0]
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key '{name}' expects {base.__name__}, got {value!r}") from None
+
+
+def build_config(values: dict) -> TrainConfig:
+    valid = field_names()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}. Valid keys: {', '.join(valid)}")
+    hints = typing.get_type_hints(TrainConfig)
+    cfg = TrainConfig(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: TrainConfig) -> None:
+    choices = {"rec_loss": ("l1", "mse"), "mixed_precision": ("no", "fp16", "bf16"), "optimizer": ("adam", "adamw")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    for key in ("resolution", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"config key '{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {cfg.resolution}")
+    for key in ("perceptual_weight", "kl_weight", "learning_rate"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"config key '{key}' must not be negative")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                defaults: dict | None = None) -> TrainConfig:
+    """defaults < YAML file < overrides."""
+    values = dict(defaults or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys")
+        values.update(loaded)
+    if overrides:
+        values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    return build_config(values)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

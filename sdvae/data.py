@@ -1,0 +1,204 @@
+"""Training images: a local folder or a Hugging Face dataset, made safe for real-world files.
+
+Every image becomes 8-bit RGB the way a viewer would show it (EXIF rotation applied, transparency
+composited on white, 16-bit scaled down, CMYK converted). A file that cannot be decoded is skipped and
+counted, never a crash: the dataset returns None for it and `collate` reports it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, IterableDataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB. Loads the pixels, so truncated files raise here."""
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit / 32-bit greyscale: PIL's own convert("L") clips instead of scaling
+        a = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if image.mode == "F" and a.max() <= 1.0:
+            peak = 1.0
+        image = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return image
+
+
+def open_image(source) -> Image.Image:
+    """A path, bytes, a `datasets` image dict or a PIL image -> RGB PIL image."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, dict):  # datasets.Image(decode=False)
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as image:
+            return to_rgb(image)
+
+
+class ImageTransform:
+    """Resize the shorter side up to `resolution` when smaller, crop, flip, scale to [-1, 1].
+
+    Randomness comes from (seed, epoch, index) rather than the worker's RNG, so the crops are the
+    same whatever the number of workers and after a resume.
+    """
+
+    def __init__(self, resolution: int, random_flip: bool = True, random_crop: bool = True, seed: int = 0):
+        self.resolution, self.random_flip, self.random_crop, self.seed = resolution, random_flip, random_crop, seed
+        self.epoch = 0
+
+    def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
+        res = self.resolution
+        if min(image.size) < res:
+            scale = res / min(image.size)
+            size = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        w, h = image.size
+        rng = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index) % 2**63)
+        if self.random_crop:
+            left, top = (int(torch.randint(n + 1, (1,), generator=rng)) for n in (w - res, h - res))
+        else:
+            left, top = (w - res) // 2, (h - res) // 2
+        image = image.crop((left, top, left + res, top + res))
+        if self.random_flip and torch.rand(1, generator=rng).item() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def list_images(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"no images in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+class ImageFolder(Dataset):
+    def __init__(self, root, resolution: int, random_flip: bool = True, random_crop: bool = True,
+                 seed: int = 0):
+        self.files = list_images(root)
+        self.transform = ImageTransform(resolution, random_flip, random_crop, seed)
+
+    def __len__(self):
+        return len(self.files)
+
+    def set_epoch(self, epoch: int):
+        self.transform.epoch = epoch
+
+    def __getitem__(self, i):
+        return _load(self.files[i], str(self.files[i]), self.transform, i)
+
+
+def _load(source, name: str, transform, index: int):
+    try:
+        return {"pixel_values": transform(open_image(source), index), "name": name}
+    except Exception as e:  # any undecodable file: count it, never kill the run
+        return {"pixel_values": None, "name": name, "error": f"{type(e).__name__}: {e}"}
+
+
+class HFImageDataset(Dataset):
+    """A map-style `datasets` dataset; images are decoded here so bad ones can be skipped."""
+
+    def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0):
+        import datasets
+
+        if image_column not in dataset.column_names:
+            raise ValueError(f"image column '{image_column}' not in the dataset; columns: {dataset.column_names}")
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        if isinstance(dataset.features[image_column], datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.dataset, self.column = dataset, image_column
+        self.transform = ImageTransform(resolution, random_flip, random_crop, seed)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int):
+        self.transform.epoch = epoch
+
+    def __getitem__(self, i):
+        return _load(self.dataset[i][self.column], f"{self.column}[{i}]", self.transform, i)
+
+
+class HFStreamingImageDataset(IterableDataset):
+    def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0):
+        import datasets
+
+        if dataset.features is not None and image_column in dataset.features and isinstance(
+                dataset.features[image_column], datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.dataset, self.column = dataset, image_column
+        self.transform = ImageTransform(resolution, random_flip, random_crop, seed)
+
+    def set_epoch(self, epoch: int):
+        self.transform.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, row in enumerate(self.dataset):
+            if self.column not in row:
+                raise ValueError(f"image column '{self.column}' not in the dataset; columns: {list(row)}")
+            yield _load(row[self.column], f"{self.column}[{i}]", self.transform, i)
+
+
+def build_dataset(data: str, resolution: int, image_column: str = "image", split: str = "train",
+                  streaming: bool = False, random_flip: bool = True, random_crop: bool = True, seed: int = 0):
+    """A folder of images, or a `datasets` dataset by hub name or local path. Errors early on empty input."""
+    path = Path(data)
+    if path.is_dir() and not _looks_like_hf_dataset(path):
+        return ImageFolder(path, resolution, random_flip, random_crop, seed)
+    import datasets
+
+    try:
+        if path.is_dir() and any((path / m).exists() for m in SAVED_DATASET_MARKERS):
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(data, split=split, streaming=streaming)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data not found: '{data}' is neither an image folder nor a loadable dataset") from None
+    if streaming and not isinstance(dataset, datasets.IterableDataset):
+        dataset = dataset.to_iterable_dataset()
+    if isinstance(dataset, datasets.IterableDataset):
+        return HFStreamingImageDataset(dataset, image_column, resolution, random_flip, random_crop, seed)
+    return HFImageDataset(dataset, image_column, resolution, random_flip, random_crop, seed)
+
+
+SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _looks_like_hf_dataset(path: Path) -> bool:
+    return any((path / m).exists() for m in SAVED_DATASET_MARKERS) or any(path.glob("*.parquet"))
+
+
+def collate(items):
+    """Stack the good images; report the skipped ones by name and reason."""
+    good = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    skipped = [(it["name"], it["error"]) for it in items if it["pixel_values"] is None]
+    pixels = torch.stack(good) if good else torch.empty(0)
+    return {"pixel_values": pixels, "skipped": skipped}

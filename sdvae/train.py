@@ -1,0 +1,279 @@
+"""The training loop: one function, read top to bottom. CPU, one GPU or many, through Accelerate.
+
+    sdvae train --config train/configs/tiny.yaml data=/path/to/images
+    accelerate launch -m sdvae train --config train/configs/sd-kl-f8.yaml data=...
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, save_config
+from .data import build_dataset, collate
+from .losses import AutoencoderLoss, build_lpips
+from .metrics import comparison_grid, reconstruct, score, summarise
+from .models import VAETrainingForward, build_vae
+
+log = logging.getLogger("sdvae")
+
+
+def train(cfg: TrainConfig) -> dict:
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    main = accelerator.is_main_process
+    set_seed(cfg.seed, device_specific=True)  # each process draws its own posterior noise
+
+    # Data first: a missing or empty dataset must fail before any model is built.
+    dataset = build_dataset(cfg.data, cfg.resolution, cfg.image_column, cfg.data_split, cfg.streaming,
+                            cfg.random_flip, seed=cfg.seed)
+    streaming = isinstance(dataset, IterableDataset)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not streaming, num_workers=cfg.num_workers,
+                        collate_fn=collate, drop_last=False)
+    preview, val_batches = load_validation(cfg)
+
+    vae = build_vae(cfg.model).train()
+    lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
+    criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model).to(accelerator.device)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    base_lr = cfg.learning_rate
+    if cfg.scale_lr:  # LDM: base LR x processes x batch x accumulation
+        base_lr *= accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(params, lr=base_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=cfg.weight_decay)
+    model, optimizer, loader = accelerator.prepare(VAETrainingForward(vae), optimizer, loader)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then constant (a pure function of the step, so resume is exact)
+        return base_lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else base_lr
+
+    step, epoch, batch_in_epoch, skipped = 0, 0, 0, set()  # skipped: names of unreadable files
+    if cfg.resume:
+        checkpoint = find_checkpoint(out, cfg.resume)
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        skipped = set(state["skipped"])
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    accelerator.init_trackers("sdvae", config={k: v if v is not None else "" for k, v in
+                                               dataclasses.asdict(cfg).items()})
+    if lpips_model is None:
+        accelerator.print("perceptual loss: off (perceptual_weight=0)")
+
+    at_start = evaluate(accelerator.unwrap_model(model).vae, val_batches, accelerator.device) if (
+        val_batches and main and not cfg.resume) else None  # the baseline the final scores are compared with
+    progress = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train", unit="step")
+    running: dict[str, float] = {}
+    first_logged: dict[str, float] = {}
+    last_logged: dict[str, float] = {}
+    start, images_seen, stop = time.time(), 0, False
+    while step < cfg.max_steps and not stop:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+        for batch in batches:
+            batch_in_epoch += 1
+            report_skipped(batch["skipped"], skipped, cfg.skip_log_limit)
+            x = batch["pixel_values"]
+            if not all_processes_have_images(accelerator, x):
+                continue  # every file in this batch was unreadable; DDP needs all processes to skip together
+
+            with accelerator.accumulate(model):
+                noise_seed = noise_seed_for(cfg.seed, accelerator.process_index, step, batch_in_epoch, epoch)
+                reconstruction, kl = model(x, noise_seed if cfg.sample_posterior else None)
+                with accelerator.autocast():
+                    loss, logs = criterion(x, reconstruction, kl)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    logs["grad_norm"] = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            images_seen += x.shape[0] * accelerator.num_processes
+            for k, v in logs.items():
+                running[k] = running.get(k, 0.0) + float(v)
+            running["n"] = running.get("n", 0) + 1
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            elapsed = time.time() - start
+            stop = step >= cfg.max_steps or out_of_time(accelerator, elapsed, cfg.max_minutes)
+            progress.update(1)
+            if step % cfg.log_every == 0 or stop:
+                n = running.pop("n")
+                means = {k: v / n for k, v in running.items()}
+                means.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=images_seen / elapsed,
+                             skipped_files=len(skipped), epoch=epoch)
+                accelerator.log({f"train/{k}": v for k, v in means.items()}, step=step)
+                progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.1f}")
+                running, last_logged = {}, means
+                first_logged = first_logged or means
+            if preview is not None and main and (step % cfg.sample_every == 0 or stop):
+                write_preview(accelerator, model, preview, out, step)
+            if step % cfg.checkpoint_every == 0 or stop:
+                save_checkpoint(accelerator, out, step, cfg.checkpoints_total_limit,
+                                dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                                     skipped=sorted(skipped)))
+            if stop:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    progress.close()
+
+    elapsed = time.time() - start
+    accelerator.wait_for_everyone()
+    metrics = {}
+    if main:
+        vae = accelerator.unwrap_model(model).vae
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+        metrics = dict(steps=step, epochs=epoch, wall_seconds=round(elapsed, 1),
+                       images_per_sec=round(images_seen / max(elapsed, 1e-9), 2), images_seen=images_seen,
+                       skipped_files=len(skipped), skipped_file_names=sorted(skipped)[:1000], perceptual_loss=lpips_model is not None,
+                       processes=accelerator.num_processes, mixed_precision=cfg.mixed_precision,
+                       first_logged=first_logged, last_logged=last_logged, export=str(out / "vae"))
+        if val_batches:
+            metrics["validation"] = evaluate(vae, val_batches, accelerator.device)
+            if at_start:
+                metrics["validation_at_start"] = at_start
+        if preview is not None:
+            vae.eval()
+            comparison_grid(preview, reconstruct(vae, preview.to(accelerator.device))).save(out / "reconstructions.png")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    accelerator.end_training()
+    return metrics
+
+
+def load_validation(cfg: TrainConfig):
+    """Fixed centre crops: `val_data` is scored with PSNR/SSIM; the preview grid shows its first 8 images
+    (or the first 8 training images when there is no `val_data`)."""
+    source = cfg.val_data or cfg.data
+    split = cfg.val_split if cfg.val_data else cfg.data_split
+    dataset = build_dataset(source, cfg.resolution, cfg.image_column, split, random_flip=False, random_crop=False)
+    if isinstance(dataset, IterableDataset):
+        return None, []
+    images = []
+    for i in range(len(dataset)):
+        if len(images) == (cfg.val_max_images if cfg.val_data else 8):
+            break
+        item = dataset[i]
+        if item["pixel_values"] is not None:
+            images.append(item["pixel_values"])
+    if not images:
+        return None, []
+    batches = [torch.stack(images[i:i + cfg.batch_size]) for i in range(0, len(images), cfg.batch_size)]
+    return torch.stack(images[:8]), (batches if cfg.val_data else [])
+
+
+@torch.no_grad()
+def evaluate(vae, batches, device) -> dict:
+    was_training = vae.training
+    vae.eval()
+    values = {"psnr": [], "ssim": []}
+    for x in batches:
+        scores = score(x, reconstruct(vae, x.to(device)))
+        for k in values:
+            values[k] += scores[k]
+    vae.train(was_training)
+    return summarise(values)
+
+
+@torch.no_grad()
+def write_preview(accelerator, model, preview, out: Path, step: int):
+    vae = accelerator.unwrap_model(model).vae
+    vae.eval()
+    reconstruction = reconstruct(vae, preview.to(accelerator.device))
+    vae.train()
+    grid = comparison_grid(preview, reconstruction)
+    grid.save(out / "samples" / f"step-{step:07d}.png")
+    psnr = summarise(score(preview, reconstruction))["psnr_mean"]
+    accelerator.log({"preview/psnr": psnr}, step=step)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    tracker.add_image("preview/input|reconstruction", np.asarray(grid), step, dataformats="HWC")
+
+
+def noise_seed_for(seed: int, process: int, *position: int) -> int:
+    h = seed
+    for v in (process, *position):
+        h = (h * 1_000_003 + v) % 2**63
+    return h
+
+
+def out_of_time(accelerator, elapsed: float, max_minutes: float) -> bool:
+    if max_minutes <= 0:
+        return False
+    late = torch.tensor([float(elapsed >= max_minutes * 60)], device=accelerator.device)
+    return bool(accelerator.reduce(late, reduction="max").item() > 0)  # all processes stop on the same step
+
+
+def all_processes_have_images(accelerator, x: torch.Tensor) -> bool:
+    if accelerator.num_processes == 1:
+        return x.numel() > 0
+    has = torch.tensor([float(x.numel() > 0)], device=accelerator.device)
+    return bool(accelerator.reduce(has, reduction="sum").item() == accelerator.num_processes)
+
+
+def report_skipped(batch_skipped, skipped: set, limit: int) -> None:
+    for name, error in batch_skipped:
+        if name in skipped:
+            continue
+        skipped.add(name)
+        if len(skipped) <= limit:
+            log.warning("skipped unreadable image %s (%s)", name, error)
+        elif len(skipped) == limit + 1:
+            log.warning("more unreadable images: counting them without naming each (see metrics.json)")
+
+
+def find_checkpoint(out: Path, resume: str) -> Path:
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"not a complete sdvae checkpoint: {path} (no trainer_state.json)")
+        return path
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    if not done:
+        raise FileNotFoundError(f"--resume latest: no checkpoint in {out}")
+    return max(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict):
+    """Write into a temporary folder, then rename: a run killed mid-write leaves no checkpoint-N to resume from."""
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            done = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in done[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()

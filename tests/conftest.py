@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdvae.demo import load_photo
+
+REAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle")
+
+
+def write_photos(folder, size=96, names=REAL_PHOTOS):
+    """Real photos (scikit-image's), downscaled so CPU tests stay fast."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        image = Image.fromarray(load_photo(name))
+        image.thumbnail((size * 2, size * 2))
+        image.save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return write_photos(tmp_path / "photos")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test gets clean ones."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def random_lpips():
+    """LPIPS-VGG with a random trunk: the real package and graph, no download."""
+    from sdvae.losses import build_lpips
+
+    return build_lpips(pretrained_trunk=False)
+
+
+def to_uint8_image(array):
+    return Image.fromarray(np.asarray(array, dtype=np.uint8))

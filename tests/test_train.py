@@ -1,0 +1,115 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from sdvae.config import load_config
+from sdvae.train import find_checkpoint, train
+from tests.test_data import write_real_world_files
+
+
+def config(tmp_path, data, **overrides):
+    values = dict(model="tiny", data=str(data), resolution=32, batch_size=4, max_steps=6, learning_rate=1e-3,
+                  adam_beta1=0.9, adam_beta2=0.99, perceptual_weight=0.0, num_workers=0, log_every=2,
+                  sample_every=3, checkpoint_every=3, output_dir=str(tmp_path / "run"))
+    values.update(overrides)
+    return load_config(overrides=values)
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """VGG16 features in torchvision's file format, random init (no download possible here)."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("vgg") / "vgg16-397923af.pth"
+    torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features.state_dict().items()}, path)
+    return path
+
+
+def test_training_on_real_photos_lowers_the_loss_and_writes_the_run_folder(tmp_path, photos, vgg_file):
+    cfg = config(tmp_path, photos, max_steps=40, log_every=5, perceptual_weight=0.1,
+                 lpips_vgg_weights=str(vgg_file), val_data=str(photos), sample_every=15, checkpoint_every=10)
+    metrics = train(cfg)
+    run = tmp_path / "run"
+    assert metrics["last_logged"]["rec_loss"] < metrics["first_logged"]["rec_loss"]
+    assert metrics["validation"]["psnr_mean"] > metrics["validation_at_start"]["psnr_mean"] + 1.5, metrics
+    assert metrics["perceptual_loss"] and "perceptual_loss" in metrics["last_logged"]
+    assert metrics["steps"] == 40 and metrics["images_per_sec"] > 0
+    assert json.loads((run / "metrics.json").read_text())["validation"]["psnr_mean"] > 0
+    assert load_config(run / "config.yaml") == cfg
+    assert (run / "vae" / "config.json").is_file() and (run / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000015.png", "step-0000030.png", "step-0000040.png"]
+    assert (run / "reconstructions.png").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents*"))
+
+
+def test_export_round_trip_reproduces_the_trained_model(tmp_path, photos):
+    train(config(tmp_path, photos))
+    run = tmp_path / "run"
+    exported = AutoencoderKL.from_pretrained(run / "vae").eval()
+    trained = AutoencoderKL.from_config(exported.config).eval()
+    weights = load_file(run / "checkpoint-6" / "model.safetensors")
+    trained.load_state_dict({k.removeprefix("vae."): v for k, v in weights.items()})
+    x = torch.rand(2, 3, 48, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(exported(x, sample_posterior=False).sample, trained(x, sample_posterior=False).sample)
+
+
+def test_resume_continues_exactly(tmp_path, photos):
+    """Run 6 steps straight; separately resume from its step-3 checkpoint: the weights are identical."""
+    straight = train(config(tmp_path, photos, max_steps=6))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "run" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    state = json.loads((resumed_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+    resumed = train(config(tmp_path, photos, max_steps=6, output_dir=str(resumed_dir), resume="latest"))
+    assert resumed["steps"] == straight["steps"] == 6
+    a = load_file(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed_dir / "vae" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(tmp_path / "run" / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    opt_b = torch.load(resumed_dir / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    assert opt_a["state"][0]["step"] == opt_b["state"][0]["step"] == 6
+    assert all(torch.equal(opt_a["state"][i]["exp_avg_sq"], opt_b["state"][i]["exp_avg_sq"]) for i in opt_a["state"])
+
+
+def test_half_written_checkpoints_are_never_resumed_and_old_ones_are_pruned(tmp_path, photos):
+    train(config(tmp_path, photos, max_steps=9, checkpoints_total_limit=2))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-9"]
+    (run / ".checkpoint-12.tmp").mkdir()  # what a kill during save leaves behind
+    (run / "checkpoint-15").mkdir()  # a folder without trainer_state.json is not a checkpoint
+    assert find_checkpoint(run, "latest") == run / "checkpoint-9"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_checkpoint(tmp_path, "latest")
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, photos):
+    good, bad = write_real_world_files(photos / "odd")
+    metrics = train(config(tmp_path, photos, max_steps=8))
+    assert metrics["steps"] == 8
+    assert metrics["skipped_files"] == len(bad)
+
+
+def test_empty_data_fails_before_training(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        train(config(tmp_path, tmp_path / "empty"))
+    assert not (tmp_path / "run" / "checkpoint-3").exists()
+
+
+def test_cli_help_and_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sdvae", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "sdvae", "train", "learning_rat=1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "learning_rat" in out.stderr and "Valid keys" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "sdvae", "train", f"data={tmp_path / 'nowhere'}",
+                          f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert out.returncode == 2 and "not found" in out.stderr
