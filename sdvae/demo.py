@@ -50,7 +50,9 @@ def prepare_data(root: str | Path, resolution: int) -> tuple[Path, Path]:
     train_dir.mkdir(parents=True, exist_ok=True)
     holdout_dir.mkdir(parents=True, exist_ok=True)
     for name in PHOTOS:
-        photo = load_photo(name)
+        image = Image.fromarray(load_photo(name))
+        image.thumbnail((512, 512), Image.Resampling.LANCZOS)  # small crops then hold more of the scene
+        photo = np.asarray(image)
         h, w = photo.shape[:2]
         Image.fromarray(photo[:, : w - resolution]).save(train_dir / f"{name}.png")
         for k in range(h // resolution):

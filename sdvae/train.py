@@ -37,10 +37,11 @@ def train(cfg: TrainConfig) -> dict:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # every process must draw the same permutation and take its own shard of it
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
     main = accelerator.is_main_process
-    set_seed(cfg.seed, device_specific=True)  # each process draws its own posterior noise
+    set_seed(cfg.seed)  # model init; crops and posterior noise are seeded per (process, epoch, step)
 
     # Data first: a missing or empty dataset must fail before any model is built.
     dataset = build_dataset(cfg.data, cfg.resolution, cfg.image_column, cfg.data_split, cfg.streaming,
