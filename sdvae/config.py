@@ -17,6 +17,10 @@ import yaml
 class TrainConfig:
     # model: a preset name (`tiny`, `sd-kl-f8`) or a path to a diffusers VAE folder / config.json
     model: str = "tiny"
+    # init_from: start from trained weights (diffusers folder, LDM/SD single file, or hub id); overrides `model`
+    init_from: str | None = None
+    train_decoder_only: bool = False  # freeze encoder + quant_conv: latents of the source VAE stay valid
+    gradient_checkpointing: bool = False
 
     # data: a folder of images (searched recursively) or a Hugging Face dataset (hub name or local path).
     # Left empty, `sdvae train` runs the embedded demo on the photos that scikit-image ships.
@@ -53,6 +57,23 @@ class TrainConfig:
     lpips_vgg_weights: str | None = None  # local vgg16 ImageNet weights; default: the torch hub cache
     kl_weight: float = 1e-6
     sample_posterior: bool = True  # z = mu + sigma * eps while training (False: use the mean)
+    learn_logvar: bool = False  # LDM's learned output log-variance: nll = rec / exp(logvar) + logvar
+    logvar_init: float = 0.0
+
+    # adversarial loss (LDM's PatchGAN); off while disc_weight is 0
+    disc_weight: float = 0.0
+    disc_start: int = 0  # step from which the discriminator trains and enters the generator loss
+    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_learning_rate: float | None = None  # default: learning_rate
+    disc_norm: str = "auto"  # batch | group | auto (batch, synchronised on GPUs; group on CPU with several processes)
+    disc_layers: int = 3
+    disc_channels: int = 64
+
+    # EMA of the VAE weights
+    ema_decay: float = 0.0  # 0: off; sd-vae-ft-ema/mse used EMA weights
+    ema_warmup: bool = True  # ramp the decay up over the first steps (diffusers EMAModel warm-up)
+    export_ema: bool = True  # export the EMA weights when EMA is on
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
 
     # run folder, logging, checkpoints
     output_dir: str = "runs/sdvae"
@@ -108,7 +129,8 @@ def build_config(values: dict) -> TrainConfig:
 
 
 def _check(cfg: TrainConfig) -> None:
-    choices = {"rec_loss": ("l1", "mse"), "mixed_precision": ("no", "fp16", "bf16"), "optimizer": ("adam", "adamw")}
+    choices = {"rec_loss": ("l1", "mse"), "mixed_precision": ("no", "fp16", "bf16"), "optimizer": ("adam", "adamw"),
+               "disc_loss": ("hinge", "vanilla"), "disc_norm": ("auto", "batch", "group")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
@@ -117,7 +139,11 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"config key '{key}' must be at least 1, got {getattr(cfg, key)}")
     if cfg.resolution % 8:
         raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {cfg.resolution}")
-    for key in ("perceptual_weight", "kl_weight", "learning_rate"):
+    if cfg.train_decoder_only and not cfg.init_from:
+        raise ValueError("train_decoder_only needs init_from: the VAE whose encoder stays frozen")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    for key in ("perceptual_weight", "kl_weight", "learning_rate", "disc_weight", "disc_start"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must not be negative")
 

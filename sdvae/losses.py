@@ -101,20 +101,29 @@ class AutoencoderLoss(torch.nn.Module):
             self.lpips.eval()  # frozen network: dropout and norms stay in inference mode
         return self
 
-    def forward(self, x: torch.Tensor, reconstruction: torch.Tensor, kl: torch.Tensor):
-        """x, reconstruction in [-1, 1], (B, 3, H, W); kl: (B,) KL summed over each image's latent."""
+    def forward(self, x: torch.Tensor, reconstruction: torch.Tensor, kl: torch.Tensor, logvar=None):
+        """x, reconstruction in [-1, 1], (B, 3, H, W); kl: (B,) KL summed over each image's latent;
+        logvar: LDM's learned scalar output log-variance, or None.
+
+        Returns (loss, nll, logs); nll (reconstruction + perceptual, through the log-variance) is what the
+        adversarial weight is balanced against.
+        """
         x, reconstruction = x.float(), reconstruction.float()
         if self.rec_loss == "l1":
             rec = F.l1_loss(reconstruction, x)
         else:
             rec = F.mse_loss(reconstruction, x)
-        elements_per_image = x[0].numel()  # 3*H*W: the LDM sums are divided by this
-        kl_per_element = kl.float().mean() / elements_per_image
-        loss = rec + self.kl_weight * kl_per_element
         logs = {"rec_loss": rec.detach(), "kl": kl.detach().float().mean()}
+        nll = rec
         if self.lpips is not None:
             perceptual = self.lpips(reconstruction, x).mean()
-            loss = loss + self.perceptual_weight * perceptual
+            nll = nll + self.perceptual_weight * perceptual
             logs["perceptual_loss"] = perceptual.detach()
+        if logvar is not None:  # per element: (rec + pw * lpips) / exp(logvar) + logvar
+            nll = nll / torch.exp(logvar.float()) + logvar.float()
+            logs["logvar"] = logvar.detach().float()
+        elements_per_image = x[0].numel()  # 3*H*W: the LDM sums are divided by this
+        loss = nll + self.kl_weight * kl.float().mean() / elements_per_image
+        logs["nll"] = nll.detach()
         logs["loss"] = loss.detach()
-        return loss, logs
+        return loss, nll, logs

@@ -59,12 +59,14 @@ class VAETrainingForward(torch.nn.Module):
     """Encode, sample, decode in one forward, so that Accelerate/DDP wraps the whole pass.
 
     Calling `vae.encode` / `vae.decode` on the unwrapped model would bypass DDP and leave the
-    gradients unsynchronised across processes.
+    gradients unsynchronised across processes. LDM's learned output log-variance lives here too, so
+    that DDP synchronises its gradient with the rest.
     """
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0):
         super().__init__()
         self.vae = vae
+        self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init))) if learn_logvar else None
 
     def forward(self, x: torch.Tensor, noise_seed: int | None = None):
         """noise_seed: draw z = mu + sigma * eps with eps from this seed; None: use the posterior mean.
@@ -72,13 +74,16 @@ class VAETrainingForward(torch.nn.Module):
         Seeding the noise per step (rather than from the global RNG) makes a resumed run draw exactly
         the noise the uninterrupted run would have drawn.
         """
-        posterior = self.vae.encode(x).latent_dist
+        encoder_frozen = not any(p.requires_grad for p in self.vae.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not encoder_frozen):
+            posterior = self.vae.encode(x).latent_dist
         if noise_seed is None:
             z = posterior.mode()
         else:
             z = posterior.sample(generator=torch.Generator(x.device).manual_seed(noise_seed))
         reconstruction = self.vae.decode(z).sample
-        return reconstruction, posterior.kl()  # kl: summed over latent elements, one value per image
+        # kl: summed over latent elements, one value per image
+        return reconstruction, posterior.kl(), self.logvar
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -18,11 +18,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, save_config
+from .convert import load_pretrained_vae
 from .data import build_dataset, collate
+from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
 from .losses import AutoencoderLoss, build_lpips
 from .metrics import comparison_grid, reconstruct, score, summarise
 from .models import VAETrainingForward, build_vae
@@ -51,28 +55,51 @@ def train(cfg: TrainConfig) -> dict:
                         collate_fn=collate, drop_last=False)
     preview, val_batches = load_validation(cfg)
 
-    vae = build_vae(cfg.model).train()
+    vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
+    if cfg.train_decoder_only:  # the sd-vae-ft-mse recipe: latents of the source VAE stay valid
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    module = VAETrainingForward(vae.train(), cfg.learn_logvar, cfg.logvar_init)
     lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
     criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model).to(accelerator.device)
-    params = [p for p in vae.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
     base_lr = cfg.learning_rate
     if cfg.scale_lr:  # LDM: base LR x processes x batch x accumulation
         base_lr *= accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(params, lr=base_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay)
-    model, optimizer, loader = accelerator.prepare(VAETrainingForward(vae), optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    vae = accelerator.unwrap_model(model).vae
+    last_layer = vae.decoder.conv_out.weight  # where LDM balances the adversarial gradient against the nll's
+    disc = disc_optimizer = None
+    if cfg.disc_weight > 0:
+        disc = build_discriminator(cfg, accelerator)
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.disc_learning_rate or base_lr, betas=(0.5, 0.9))
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    ema = None
+    if cfg.ema_decay > 0:  # over the trained parameters only: a frozen encoder stays bit-identical
+        ema = EMAModel([p for p in vae.parameters() if p.requires_grad], decay=cfg.ema_decay,
+                       use_ema_warmup=cfg.ema_warmup)
+        ema.to(accelerator.device)
+    # LDM's clamp of the adaptive weight, moved to our loss scale (ours is LDM's / 3*H*W)
+    max_adaptive_weight = 1e4 / (3 * cfg.resolution**2)
 
     def lr_at(step: int) -> float:  # linear warm-up, then constant (a pure function of the step, so resume is exact)
         return base_lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else base_lr
 
     step, epoch, batch_in_epoch, skipped = 0, 0, 0, set()  # skipped: names of unreadable files
+    nonfinite_in_a_row, nonfinite_steps = 0, 0
     if cfg.resume:
         checkpoint = find_checkpoint(out, cfg.resume)
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        skipped = set(state["skipped"])
+        skipped, nonfinite_steps = set(state["skipped"]), state["nonfinite_steps"]
+        if ema is not None:
+            load_ema(ema, checkpoint, state["ema"], accelerator.device)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
     if main:
@@ -98,19 +125,44 @@ def train(cfg: TrainConfig) -> dict:
             batch_in_epoch += 1
             report_skipped(batch["skipped"], skipped, cfg.skip_log_limit)
             x = batch["pixel_values"]
-            if not all_processes_have_images(accelerator, x):
+            if not all_processes_agree(accelerator, x.numel() > 0):
                 continue  # every file in this batch was unreadable; DDP needs all processes to skip together
 
-            with accelerator.accumulate(model):
+            use_disc = disc is not None and step >= cfg.disc_start  # before disc_start it costs nothing
+            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
                 noise_seed = noise_seed_for(cfg.seed, accelerator.process_index, step, batch_in_epoch, epoch)
-                reconstruction, kl = model(x, noise_seed if cfg.sample_posterior else None)
+                reconstruction, kl, logvar = model(x, noise_seed if cfg.sample_posterior else None)
                 with accelerator.autocast():
-                    loss, logs = criterion(x, reconstruction, kl)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    logs["grad_norm"] = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                    loss, nll, logs = criterion(x, reconstruction, kl, logvar)
+                    if use_disc:
+                        adversarial, adv_logs = generator_term(accelerator.unwrap_model(disc), reconstruction, nll,
+                                                               last_layer, cfg.disc_weight, max_adaptive_weight)
+                        loss = loss + adversarial
+                        logs.update(adv_logs)
+                finite = all_processes_agree(accelerator, bool(torch.isfinite(loss)))
+                accelerator.backward(loss)  # also when not finite: DDP expects every forward to get its backward
+                if finite:
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        logs["grad_norm"] = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if use_disc and finite:
+                    d_loss, d_logs = discriminator_term(disc, x, reconstruction, cfg.disc_loss)
+                    accelerator.backward(d_loss)
+                    disc_optimizer.step()
+                    disc_optimizer.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+            if not finite:
+                nonfinite_in_a_row, nonfinite_steps = nonfinite_in_a_row + 1, nonfinite_steps + 1
+                log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite_in_a_row)
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+                    last = find_checkpoint(out, "latest") if done else "none written yet"
+                    raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: stopping. "
+                                       f"Last good checkpoint: {last}. Try a lower learning_rate, "
+                                       f"mixed_precision=no or bf16, or max_grad_norm.")
+                continue
+            nonfinite_in_a_row = 0
             images_seen += x.shape[0] * accelerator.num_processes
             for k, v in logs.items():
                 running[k] = running.get(k, 0.0) + float(v)
@@ -119,6 +171,8 @@ def train(cfg: TrainConfig) -> dict:
                 continue
 
             step += 1
+            if ema is not None:
+                ema.step([p for p in vae.parameters() if p.requires_grad])
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             elapsed = time.time() - start
@@ -128,7 +182,9 @@ def train(cfg: TrainConfig) -> dict:
                 n = running.pop("n")
                 means = {k: v / n for k, v in running.items()}
                 means.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=images_seen / elapsed,
-                             skipped_files=len(skipped), epoch=epoch)
+                             skipped_files=len(skipped), nonfinite_steps=nonfinite_steps, epoch=epoch)
+                if ema is not None:
+                    means["ema_decay"] = ema.cur_decay_value
                 accelerator.log({f"train/{k}": v for k, v in means.items()}, step=step)
                 progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.1f}")
                 running, last_logged = {}, means
@@ -137,8 +193,8 @@ def train(cfg: TrainConfig) -> dict:
                 write_preview(accelerator, model, preview, out, step)
             if step % cfg.checkpoint_every == 0 or stop:
                 save_checkpoint(accelerator, out, step, cfg.checkpoints_total_limit,
-                                dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
-                                     skipped=sorted(skipped)))
+                                dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skipped=sorted(skipped),
+                                     nonfinite_steps=nonfinite_steps), ema)
             if stop:
                 break
         else:
@@ -149,14 +205,19 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     metrics = {}
     if main:
-        vae = accelerator.unwrap_model(model).vae
+        exported = "trained"
+        if ema is not None and cfg.export_ema:
+            ema.copy_to([p for p in vae.parameters() if p.requires_grad])
+            exported = "ema"
         vae.save_pretrained(out / "vae", safe_serialization=True)
         metrics = dict(steps=step, epochs=epoch, wall_seconds=round(elapsed, 1),
                        images_per_sec=round(images_seen / max(elapsed, 1e-9), 2), images_seen=images_seen,
-                       skipped_files=len(skipped), skipped_file_names=sorted(skipped)[:1000], perceptual_loss=lpips_model is not None,
+                       skipped_files=len(skipped), skipped_file_names=sorted(skipped)[:1000],
+                       nonfinite_steps=nonfinite_steps, perceptual_loss=lpips_model is not None,
+                       discriminator=disc is not None, exported_weights=exported,
                        processes=accelerator.num_processes, mixed_precision=cfg.mixed_precision,
                        first_logged=first_logged, last_logged=last_logged, export=str(out / "vae"))
-        if val_batches:
+        if val_batches:  # scored with the exported weights
             metrics["validation"] = evaluate(vae, val_batches, accelerator.device)
             if at_start:
                 metrics["validation_at_start"] = at_start
@@ -223,18 +284,32 @@ def noise_seed_for(seed: int, process: int, *position: int) -> int:
     return h
 
 
+def build_discriminator(cfg: TrainConfig, accelerator) -> torch.nn.Module:
+    several = accelerator.num_processes > 1
+    on_cpu = accelerator.device.type == "cpu"
+    norm = cfg.disc_norm
+    if norm == "auto":  # batch norm as LDM, except where it cannot be synchronised
+        norm = "group" if several and on_cpu else "batch"
+    if norm == "batch" and several and on_cpu:
+        raise ValueError("disc_norm=batch cannot be synchronised across CPU processes; use disc_norm=group")
+    disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, norm)
+    if norm == "batch" and several:
+        disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)  # statistics over the global batch
+    return disc
+
+
 def out_of_time(accelerator, elapsed: float, max_minutes: float) -> bool:
     if max_minutes <= 0:
         return False
-    late = torch.tensor([float(elapsed >= max_minutes * 60)], device=accelerator.device)
-    return bool(accelerator.reduce(late, reduction="max").item() > 0)  # all processes stop on the same step
+    return not all_processes_agree(accelerator, elapsed < max_minutes * 60)  # all stop on the same step
 
 
-def all_processes_have_images(accelerator, x: torch.Tensor) -> bool:
+def all_processes_agree(accelerator, flag: bool) -> bool:
+    """True only if `flag` is true on every process."""
     if accelerator.num_processes == 1:
-        return x.numel() > 0
-    has = torch.tensor([float(x.numel() > 0)], device=accelerator.device)
-    return bool(accelerator.reduce(has, reduction="sum").item() == accelerator.num_processes)
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() == 0)
 
 
 def report_skipped(batch_skipped, skipped: set, limit: int) -> None:
@@ -260,7 +335,7 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     return max(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict):
+def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict, ema=None):
     """Write into a temporary folder, then rename: a run killed mid-write leaves no checkpoint-N to resume from."""
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -269,6 +344,11 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, tmp / "ema.safetensors")
+            state = {**state, "ema": ema_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
@@ -278,3 +358,9 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict):
             for old in done[:-keep]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def load_ema(ema, checkpoint: Path, ema_state: dict, device) -> None:
+    tensors = load_file(str(checkpoint / "ema.safetensors"))
+    ema.load_state_dict({**ema_state, "shadow_params": [tensors[str(i)] for i in range(len(tensors))]})
+    ema.to(device)

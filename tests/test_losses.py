@@ -11,7 +11,7 @@ def test_kl_term_is_the_closed_form_on_the_ldm_scale():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     mean, logvar = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))
-    loss, logs = AutoencoderLoss("l1", 0.0, kl_weight=1e-3)(x, x.clone(), kl)
+    loss, _, logs = AutoencoderLoss("l1", 0.0, kl_weight=1e-3)(x, x.clone(), kl)
     expected = 1e-3 * kl.sum() / 2 / (3 * 16 * 16)
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(logs["kl"], kl.mean())
@@ -24,7 +24,7 @@ def test_loss_weighs_terms_exactly_as_ldm(rec_loss, random_lpips):
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     kl = torch.tensor([1500.0, 2500.0])
     pw, kw = 0.7, 1e-6
-    loss, _ = AutoencoderLoss(rec_loss, pw, kw, random_lpips)(x, y, kl)
+    loss, _, _ = AutoencoderLoss(rec_loss, pw, kw, random_lpips)(x, y, kl)
     rec = (x - y).abs() if rec_loss == "l1" else (x - y) ** 2
     p = random_lpips(y, x)  # (B, 1, 1, 1): added to every pixel's term
     ldm = (rec + pw * p).sum() / 2 + kw * kl.sum() / 2
@@ -35,8 +35,8 @@ def decoder_grads(perceptual_weight, lpips_model):
     torch.manual_seed(0)
     vae = build_vae("tiny")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    reconstruction, kl = VAETrainingForward(vae)(x)
-    loss, _ = AutoencoderLoss("l1", perceptual_weight, 1e-6, lpips_model)(x, reconstruction, kl)
+    reconstruction, kl, _ = VAETrainingForward(vae)(x)
+    loss, _, _ = AutoencoderLoss("l1", perceptual_weight, 1e-6, lpips_model)(x, reconstruction, kl)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in vae.decoder.parameters()])
 
@@ -75,3 +75,12 @@ def test_lpips_loads_vgg_weights_from_the_torch_cache(tmp_path, monkeypatch):
     torch.testing.assert_close(model.net.slice1[0].weight, features["0.weight"])
     torch.testing.assert_close(getattr(model.net.slice5, "28").bias, features["28.bias"])
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_learned_logvar_scales_the_nll_as_ldm():
+    x, y = torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.5)
+    logvar = torch.tensor(0.7, requires_grad=True)
+    loss, nll, logs = AutoencoderLoss("l1", 0.0, 0.0)(x, y, torch.zeros(1), logvar)
+    torch.testing.assert_close(nll, 0.5 / torch.exp(torch.tensor(0.7)) + 0.7)
+    loss.backward()
+    assert logvar.grad is not None and logs["logvar"] == 0.7
