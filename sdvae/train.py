@@ -36,7 +36,11 @@ log = logging.getLogger("sdvae")
 
 def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
+    # Several processes and no GPU (torchrun, `accelerate launch --multi_gpu` on a CPU machine): Accelerate
+    # only forms the gloo group when told it runs on CPU.
+    several_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=several_on_cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
@@ -142,8 +146,8 @@ def train(cfg: TrainConfig) -> dict:
                 finite = all_processes_agree(accelerator, bool(torch.isfinite(loss)))
                 accelerator.backward(loss)  # also when not finite: DDP expects every forward to get its backward
                 if finite:
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        logs["grad_norm"] = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if accelerator.sync_gradients:  # the norm is logged also when clipping is off
+                        logs["grad_norm"] = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if use_disc and finite:
