@@ -22,6 +22,35 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the config file")
     train.set_defaults(run=run_train)
 
+    convert = commands.add_parser(
+        "convert", help="convert a VAE between the diffusers and the original LDM layout (detects the input's)",
+        description="LDM single file (.safetensors, or .ckpt/.pt read with weights_only=True; whole SD/SDXL "
+                    "checkpoints too) -> diffusers folder; diffusers folder or state dict -> LDM single file.")
+    convert.add_argument("source")
+    convert.add_argument("out")
+    convert.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    convert.set_defaults(run=run_convert)
+
+    export = commands.add_parser("export", help="export a run's (or any) VAE as a diffusers folder or a single file")
+    export.add_argument("source", help="run folder, diffusers folder or single file")
+    export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"])
+    export.add_argument("--out", required=True)
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    export.add_argument("--no-fp16-check", action="store_true",
+                        help="skip the fp16 decode check that sets force_upcast")
+    export.set_defaults(run=run_export)
+
+    stats = commands.add_parser("stats", help="measure latent mean/std on a dataset; propose scaling/shift factors")
+    stats.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
+    stats.add_argument("--data", required=True, help="image folder or Hugging Face dataset")
+    stats.add_argument("--resolution", type=int, default=256, help="centre-crop size (default 256)")
+    stats.add_argument("--batch-size", type=int, default=8)
+    stats.add_argument("--max-images", type=int, default=None)
+    stats.add_argument("--mode", action="store_true", help="use the posterior mean instead of samples")
+    stats.add_argument("--write", action="store_true", help="write scaling_factor (and shift_factor) to config.json")
+    stats.add_argument("--shift", action="store_true", help="with --write: also write shift_factor (SD3/FLUX)")
+    stats.set_defaults(run=run_stats)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
@@ -66,6 +95,60 @@ def run_train(args) -> int:
         print(f"  {metrics['steps']} steps in {metrics['wall_seconds']:.0f} s, {metrics['images_per_sec']:.1f} images/s")
         if notice:
             print(notice)
+    return 0
+
+
+def run_convert(args) -> int:
+    from .export import convert
+
+    direction, out = convert(args.source, args.out, args.dtype)
+    print(f"{direction}: {out}")
+    return 0
+
+
+def run_export(args) -> int:
+    from .convert import load_pretrained_vae
+    from .export import fp16_check, save_diffusers, save_single_file
+
+    vae = load_pretrained_vae(args.source)
+    check = None if args.no_fp16_check else fp16_check(vae)
+    if check:
+        print(f"fp16 decode check on {check['images']} photos at {check['size']} px: max difference "
+              f"{check['max_abs_diff']:.4f} (bound {check['bound']:.4f}), non-finite: {check['nonfinite']} "
+              f"-> force_upcast: {str(check['force_upcast']).lower()}")
+    if args.format == "single-file":
+        out = save_single_file(vae, args.out, args.dtype, source=args.source, fp16=check)
+    else:
+        out = save_diffusers(vae, args.out, args.dtype, fp16=check)
+    print(f"{args.format}: {out}")
+    return 0
+
+
+def run_stats(args) -> int:
+    import json
+
+    from accelerate import PartialState
+
+    from .convert import load_pretrained_vae
+    from .latents import latent_statistics, write_factors
+    from .train import several_processes_without_gpu
+
+    state = PartialState(cpu=several_processes_without_gpu())
+    vae = load_pretrained_vae(args.vae).to(state.device)
+    current = vae.config.scaling_factor
+    result = latent_statistics(vae, args.data, args.resolution, args.batch_size, args.max_images,
+                               sample=not args.mode, state=state)
+    if not state.is_main_process:
+        return 0
+    print(json.dumps(result, indent=2))
+    change = result["scaling_factor"] / current - 1
+    print(f"latent std {result['std']:.5f}, mean {result['mean']:.5f} over {result['images']} images "
+          f"({result['skipped']} unreadable skipped)")
+    print(f"proposed scaling_factor {result['scaling_factor']:.5f} (config has {current}: {change:+.1%}); "
+          f"shift_factor {result['shift_factor']:.5f} for the SD3/FLUX convention")
+    if args.write:
+        path = write_factors(args.vae, result["scaling_factor"], result["shift_factor"] if args.shift else None)
+        print(f"written to {path}")
     return 0
 
 

@@ -79,6 +79,7 @@ class TrainConfig:
     output_dir: str = "runs/sdvae"
     log_every: int = 10
     sample_every: int = 500  # image grids to TensorBoard and samples/
+    preview_images: int = 8  # images in those grids and in reconstructions.png (0: none)
     checkpoint_every: int = 1000
     checkpoints_total_limit: int = 3  # keep the last K checkpoints (0: keep all)
     resume: str | None = None  # `latest` or a checkpoint folder

@@ -65,23 +65,31 @@ def config_from_state(state: dict, scaling_factor: float = 0.18215) -> dict:
     )
 
 
-def load_single_file(path: str | Path):
+def load_single_file(path: str | Path, return_layout: bool = False):
     """An AutoencoderKL from one file in either layout; the architecture comes from the file itself."""
     from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     state = vae_keys_only(read_state_dict(path))
     if "encoder.conv_in.weight" not in state:
         raise ValueError(f"{path} holds no VAE weights (no encoder.conv_in.weight)")
+    layout = "ldm" if is_ldm_layout(state) else "diffusers"
     config = config_from_state(state)
-    if is_ldm_layout(state):
-        state = convert_ldm_vae_checkpoint(state, config)
+    state = ldm_to_diffusers(state) if layout == "ldm" else modernise_diffusers_keys(state)
     vae = AutoencoderKL(**config)
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the architecture read from it; "
-                         f"missing {sorted(missing)[:20]}, unexpected {sorted(unexpected)[:20]}")
-    return vae
+    load_strict(vae, state, path)
+    return (vae, layout) if return_layout else vae
+
+
+def load_strict(vae, state: dict, source) -> None:
+    """load_state_dict that names every missing, unexpected and mis-shaped key: never a partial load."""
+    expected = vae.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{source}: weights do not fit the AutoencoderKL read from it: missing {missing[:20]}, "
+                         f"unexpected {unexpected[:20]}, mismatched shapes {mismatched[:20]}")
+    vae.load_state_dict(state)
 
 
 def load_pretrained_vae(source: str):
@@ -107,24 +115,64 @@ def load_pretrained_vae(source: str):
                                 f"Hugging Face hub failed: {str(e).splitlines()[0]}") from None
 
 
-def diffusers_to_ldm(state: dict) -> dict:
-    """diffusers AutoencoderKL keys -> the original LDM layout (decoder `up` blocks reversed,
-    attention projections as 1x1 convolutions). The inverse of diffusers' own LDM loader."""
-    levels = len({k.split(".")[2] for k in state if k.startswith("decoder.up_blocks.")})
+# (LDM, diffusers) name pieces, replaced in this order both ways: the mid-block names before the generic ones.
+LAYOUT = [
+    ("encoder.down.", "encoder.down_blocks."),
+    ("mid.block_1.", "mid_block.resnets.0."),
+    ("mid.block_2.", "mid_block.resnets.1."),
+    ("mid.attn_1.", "mid_block.attentions.0."),
+    (".block.", ".resnets."),
+    ("downsample.", "downsamplers.0."),
+    ("upsample.", "upsamplers.0."),
+    ("nin_shortcut", "conv_shortcut"),
+    ("norm_out", "conv_norm_out"),
+]
+ATTENTION = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
+OLD_DIFFUSERS_ATTENTION = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def _convert(state: dict, to_diffusers: bool) -> dict:
+    """Rename every key between the two layouts; the decoder's up blocks run in opposite orders in them and
+    the attention projections are 1x1 convolutions in LDM, linear layers in diffusers."""
+    up_from, up_to = ("decoder.up.", "decoder.up_blocks.") if to_diffusers else ("decoder.up_blocks.", "decoder.up.")
+    attention = "mid_block.attentions.0." if to_diffusers else "mid.attn_1."
+    pairs = LAYOUT if to_diffusers else [(b, a) for a, b in LAYOUT]
+    names = ATTENTION if to_diffusers else {b: a for a, b in ATTENTION.items()}
+    levels = len({k.split(".")[2] for k in state if k.startswith(up_from)})
     out = {}
     for key, value in state.items():
-        new = key.replace("encoder.down_blocks.", "encoder.down.")
-        if new.startswith("decoder.up_blocks."):
-            i = int(new.split(".")[2])
-            new = f"decoder.up.{levels - 1 - i}." + new.split(".", 3)[3]
-        new = (new.replace(".resnets.", ".block.").replace("downsamplers.0", "downsample")
-               .replace("upsamplers.0", "upsample").replace("conv_shortcut", "nin_shortcut")
-               .replace("mid_block.block.0", "mid.block_1").replace("mid_block.block.1", "mid.block_2")
-               .replace("mid_block.attentions.0.", "mid.attn_1.").replace("conv_norm_out", "norm_out"))
-        if ".mid.attn_1." in new:
-            new = (new.replace("group_norm", "norm").replace("to_q", "q").replace("to_k", "k")
-                   .replace("to_v", "v").replace("to_out.0", "proj_out"))
-            if value.ndim == 2:
+        if key.startswith(up_from):
+            index, rest = key[len(up_from):].split(".", 1)
+            key = f"{up_to}{levels - 1 - int(index)}.{rest}"
+        for a, b in pairs:
+            key = key.replace(a, b)
+        if attention in key:
+            head, tail = key.split(attention)
+            old = next((n for n in names if tail.startswith(n)), None)
+            key = head + attention + (names[old] + tail[len(old):] if old else tail)
+            if value.ndim == 4 and to_diffusers:
+                value = value[:, :, 0, 0]
+            elif value.ndim == 2 and not to_diffusers:
                 value = value[:, :, None, None]
-        out[new] = value
+        out[key] = value
+    return out
+
+
+def ldm_to_diffusers(state: dict) -> dict:
+    """Original LDM layout (`encoder.down.N.block.M`, `mid.attn_1.q`, reversed `decoder.up`) -> diffusers."""
+    return _convert(state, to_diffusers=True)
+
+
+def diffusers_to_ldm(state: dict) -> dict:
+    """diffusers AutoencoderKL keys -> the original LDM layout that single-file loaders read."""
+    return _convert(state, to_diffusers=False)
+
+
+def modernise_diffusers_keys(state: dict) -> dict:
+    """diffusers before 0.14 named the VAE attention query/key/value/proj_attn."""
+    out = {}
+    for key, value in state.items():
+        for old, new in OLD_DIFFUSERS_ATTENTION.items():
+            key = key.replace(".attentions.0." + old, ".attentions.0." + new)
+        out[key] = value
     return out

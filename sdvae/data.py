@@ -96,7 +96,19 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-class ImageFolder(Dataset):
+class _ImageSource(Dataset):
+    """Map-style images: subclasses say where image i comes from (`source`) and what to call it (`name`)."""
+
+    transform: ImageTransform
+
+    def set_epoch(self, epoch: int):
+        self.transform.epoch = epoch
+
+    def __getitem__(self, i):
+        return _load(self.source(i), self.name(i), self.transform, i)
+
+
+class ImageFolder(_ImageSource):
     def __init__(self, root, resolution: int, random_flip: bool = True, random_crop: bool = True,
                  seed: int = 0):
         self.files = list_images(root)
@@ -105,11 +117,11 @@ class ImageFolder(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def set_epoch(self, epoch: int):
-        self.transform.epoch = epoch
+    def source(self, i):
+        return self.files[i]
 
-    def __getitem__(self, i):
-        return _load(self.files[i], str(self.files[i]), self.transform, i)
+    def name(self, i):
+        return str(self.files[i])
 
 
 def _load(source, name: str, transform, index: int):
@@ -119,7 +131,7 @@ def _load(source, name: str, transform, index: int):
         return {"pixel_values": None, "name": name, "error": f"{type(e).__name__}: {e}"}
 
 
-class HFImageDataset(Dataset):
+class HFImageDataset(_ImageSource):
     """A map-style `datasets` dataset; images are decoded here so bad ones can be skipped."""
 
     def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0):
@@ -137,11 +149,11 @@ class HFImageDataset(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int):
-        self.transform.epoch = epoch
+    def source(self, i):
+        return self.dataset[i][self.column]
 
-    def __getitem__(self, i):
-        return _load(self.dataset[i][self.column], f"{self.column}[{i}]", self.transform, i)
+    def name(self, i):
+        return f"{self.column}[{i}]"
 
 
 class HFStreamingImageDataset(IterableDataset):

@@ -34,13 +34,16 @@ from .models import VAETrainingForward, build_vae
 log = logging.getLogger("sdvae")
 
 
+def several_processes_without_gpu() -> bool:
+    """torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: Accelerate forms the gloo group
+    only when told it runs on CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
-    # Several processes and no GPU (torchrun, `accelerate launch --multi_gpu` on a CPU machine): Accelerate
-    # only forms the gloo group when told it runs on CPU.
-    several_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=several_on_cpu,
+        cpu=several_processes_without_gpu(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
@@ -83,10 +86,10 @@ def train(cfg: TrainConfig) -> dict:
         disc = build_discriminator(cfg, accelerator)
         disc_optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.disc_learning_rate or base_lr, betas=(0.5, 0.9))
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    vae_trained = [p for p in vae.parameters() if p.requires_grad]
     ema = None
     if cfg.ema_decay > 0:  # over the trained parameters only: a frozen encoder stays bit-identical
-        ema = EMAModel([p for p in vae.parameters() if p.requires_grad], decay=cfg.ema_decay,
-                       use_ema_warmup=cfg.ema_warmup)
+        ema = EMAModel(vae_trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
         ema.to(accelerator.device)
     # LDM's clamp of the adaptive weight, moved to our loss scale (ours is LDM's / 3*H*W)
     max_adaptive_weight = 1e4 / (3 * cfg.resolution**2)
@@ -115,13 +118,14 @@ def train(cfg: TrainConfig) -> dict:
     if lpips_model is None:
         accelerator.print("perceptual loss: off (perceptual_weight=0)")
 
-    at_start = evaluate(accelerator.unwrap_model(model).vae, val_batches, accelerator.device) if (
+    at_start = evaluate(vae, val_batches, accelerator.device) if (
         val_batches and main and not cfg.resume) else None  # the baseline the final scores are compared with
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train", unit="step")
-    running: dict[str, float] = {}
+    running: dict = {}
     first_logged: dict[str, float] = {}
     last_logged: dict[str, float] = {}
     start, images_seen, stop = time.time(), 0, False
+    window_start, window_images = start, 0  # images/s in the logs is over the last log window
     while step < cfg.max_steps and not stop:
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
@@ -168,15 +172,16 @@ def train(cfg: TrainConfig) -> dict:
                 continue
             nonfinite_in_a_row = 0
             images_seen += x.shape[0] * accelerator.num_processes
-            for k, v in logs.items():
-                running[k] = running.get(k, 0.0) + float(v)
+            window_images += x.shape[0] * accelerator.num_processes
+            for k, v in logs.items():  # summed on the device: no host sync until a log line is written
+                running[k] = running.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
             running["n"] = running.get("n", 0) + 1
             if not accelerator.sync_gradients:
                 continue
 
             step += 1
             if ema is not None:
-                ema.step([p for p in vae.parameters() if p.requires_grad])
+                ema.step(vae_trained)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             elapsed = time.time() - start
@@ -184,14 +189,16 @@ def train(cfg: TrainConfig) -> dict:
             progress.update(1)
             if step % cfg.log_every == 0 or stop:
                 n = running.pop("n")
-                means = {k: v / n for k, v in running.items()}
-                means.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=images_seen / elapsed,
+                means = {k: float(v) / n for k, v in running.items()}
+                now = time.time()
+                means.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=window_images / (now - window_start),
                              skipped_files=len(skipped), nonfinite_steps=nonfinite_steps, epoch=epoch)
                 if ema is not None:
                     means["ema_decay"] = ema.cur_decay_value
                 accelerator.log({f"train/{k}": v for k, v in means.items()}, step=step)
-                progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.1f}")
+                progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
                 running, last_logged = {}, means
+                window_start, window_images = now, 0
                 first_logged = first_logged or means
             if preview is not None and main and (step % cfg.sample_every == 0 or stop):
                 write_preview(accelerator, model, preview, out, step)
@@ -211,7 +218,7 @@ def train(cfg: TrainConfig) -> dict:
     if main:
         exported = "trained"
         if ema is not None and cfg.export_ema:
-            ema.copy_to([p for p in vae.parameters() if p.requires_grad])
+            ema.copy_to(vae_trained)
             exported = "ema"
         vae.save_pretrained(out / "vae", safe_serialization=True)
         metrics = dict(steps=step, epochs=epoch, wall_seconds=round(elapsed, 1),
@@ -234,8 +241,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def load_validation(cfg: TrainConfig):
-    """Fixed centre crops: `val_data` is scored with PSNR/SSIM; the preview grid shows its first 8 images
-    (or the first 8 training images when there is no `val_data`)."""
+    """Fixed centre crops: `val_data` is scored with PSNR/SSIM; the preview grids show `preview_images` of them
+    (of the first training images when there is no `val_data`)."""
     source = cfg.val_data or cfg.data
     split = cfg.val_split if cfg.val_data else cfg.data_split
     dataset = build_dataset(source, cfg.resolution, cfg.image_column, split, random_flip=False, random_crop=False)
@@ -243,7 +250,7 @@ def load_validation(cfg: TrainConfig):
         return None, []
     images = []
     for i in range(len(dataset)):
-        if len(images) == (cfg.val_max_images if cfg.val_data else 8):
+        if len(images) == (cfg.val_max_images if cfg.val_data else cfg.preview_images):
             break
         item = dataset[i]
         if item["pixel_values"] is not None:
@@ -251,7 +258,9 @@ def load_validation(cfg: TrainConfig):
     if not images:
         return None, []
     batches = [torch.stack(images[i:i + cfg.batch_size]) for i in range(0, len(images), cfg.batch_size)]
-    return torch.stack(images[:8]), (batches if cfg.val_data else [])
+    k = cfg.preview_images
+    preview = images[:: max(1, len(images) // k)][:k] if k else []  # spread over the set, not its first files
+    return (torch.stack(preview) if preview else None), (batches if cfg.val_data else [])
 
 
 @torch.no_grad()

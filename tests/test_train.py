@@ -113,3 +113,11 @@ def test_cli_help_and_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sdvae", "train", f"data={tmp_path / 'nowhere'}",
                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True)
     assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, photos):
+    metrics = train(config(tmp_path, photos, max_steps=2, batch_size=2, mixed_precision="bf16"))
+    assert metrics["mixed_precision"] == "bf16" and metrics["steps"] == 2
+    weights = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert all(torch.isfinite(w).all() for w in weights.values())

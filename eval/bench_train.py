@@ -1,0 +1,98 @@
+"""Training throughput (images/s) of the real loop, with and without LPIPS and the discriminator.
+
+    python eval/bench_train.py                      # this machine's CPU, writes eval/results/bench_train_cpu.*
+    accelerate launch eval/bench_train.py --precision bf16   # on a GPU
+
+Each row is one `sdvae.train.train` run on scikit-image's photos: N warm-up steps, then the rate over the
+next N steps (the last log window). Without the VGG16 ImageNet weights in the torch cache, LPIPS runs on a
+random VGG trunk written here: the same network and cost, other numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdvae.config import load_config  # noqa: E402
+from sdvae.demo import prepare_data  # noqa: E402
+from sdvae.losses import vgg16_cache_path  # noqa: E402
+from sdvae.train import train  # noqa: E402
+
+SETUPS = {  # model, resolution, batch, steps (the same number again runs first, as warm-up)
+    "tiny@128": ("tiny", 128, 8, 8),
+    "sd-kl-f8@256": ("sd-kl-f8", 256, 1, 2),
+}
+VARIANTS = {
+    "reconstruction + KL": dict(perceptual_weight=0.0),
+    "+ LPIPS": dict(perceptual_weight=1.0),
+    "+ discriminator": dict(perceptual_weight=0.0, disc_weight=0.5, disc_start=0),
+    "+ LPIPS + discriminator": dict(perceptual_weight=1.0, disc_weight=0.5, disc_start=0),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--setups", nargs="*", default=list(SETUPS))
+    parser.add_argument("--scale-steps", type=float, default=1.0, help="multiply the step counts (GPU: 10)")
+    parser.add_argument("--out", default=None, help="results file stem (default eval/results/bench_train_<device>)")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'CPU'}, " \
+                                                                   f"{torch.get_num_threads()} threads"
+    workers = 4 if device == "cuda" else 0  # on a 2-core CPU, loader processes only steal compute
+    out = Path(args.out or Path(__file__).parent / "results" / f"bench_train_{device}")
+    work = Path(tempfile.mkdtemp(prefix="sdvae-bench-"))
+    data, _ = prepare_data(work / "data", 256)
+    vgg = None
+    if not vgg16_cache_path().is_file():  # same compute with a random trunk; say so in the table
+        import torchvision
+        vgg = work / "vgg16-random.pth"
+        torch.save({f"features.{k}": v for k, v in torchvision.models.vgg16().features.state_dict().items()}, vgg)
+
+    rows = []
+    for setup in args.setups:
+        model, resolution, batch, steps = SETUPS[setup]
+        steps = max(1, round(steps * args.scale_steps))
+        for variant, settings in VARIANTS.items():
+            cfg = load_config(overrides=dict(
+                model=model, data=str(data), resolution=resolution, batch_size=batch, max_steps=2 * steps,
+                log_every=steps, sample_every=10**9, checkpoint_every=10**9, preview_images=0, num_workers=workers,
+                mixed_precision=args.precision, output_dir=str(work / f"{setup}-{variant}".replace(" ", "")),
+                lpips_vgg_weights=str(vgg) if vgg else None, learning_rate=1e-5, **settings))
+            start = time.time()
+            metrics = train(cfg)
+            rate = metrics["last_logged"]["images_per_sec"]
+            rows.append(dict(setup=setup, variant=variant, batch=batch, images_per_sec=round(rate, 3),
+                             seconds_per_step=round(batch / rate, 3), timed_steps=steps,
+                             run_seconds=round(time.time() - start, 1)))
+            print(rows[-1], flush=True)
+
+    header = (f"# Training throughput: {name}\n\n"
+              f"torch {torch.__version__}, precision {args.precision}, {time.strftime('%Y-%m-%d')}. "
+              f"Command: `python eval/bench_train.py {' '.join(sys.argv[1:])}`.\n"
+              f"Rate over the timed steps after warm-up, real data pipeline (scikit-image photos, {workers} "
+              f"loader workers)."
+              + ("\nLPIPS on a random VGG16 trunk (no ImageNet weights here): same cost." if vgg else "") + "\n\n")
+    lines = ["| setup | loss terms | batch | images/s | s/step | vs reconstruction + KL |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        base = next(r for r in rows if r["setup"] == row["setup"])["images_per_sec"]
+        lines.append(f"| {row['setup']} | {row['variant']} | {row['batch']} | {row['images_per_sec']:.3g} | "
+                     f"{row['seconds_per_step']:.2f} | {row['images_per_sec'] / base:.2f}x |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(dict(device=name, precision=args.precision, rows=rows), indent=2))
+    print(header + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Writing VAEs for the tools that load them: diffusers folders, and the LDM single file UIs read."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .convert import diffusers_to_ldm, load_pretrained_vae, load_single_file
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP16_BOUND = 4 * 2 / 255  # four 8-bit levels, on the [-1, 1] scale
+
+
+@torch.no_grad()
+def fp16_check(vae, images: torch.Tensor | None = None, bound: float = FP16_BOUND) -> dict:
+    """Decode in fp16 and compare with fp32: non-finite values (the SD VAE's overflow) or a difference over
+    `bound` mean pipelines must run this VAE in fp32 (`force_upcast: true`)."""
+    import copy
+
+    if images is None:
+        images = check_images()
+    vae = vae.float().eval()
+    device = next(vae.parameters()).device
+    latents = vae.encode(images.to(device)).latent_dist.mode()
+    reference = vae.decode(latents).sample
+    half = copy.deepcopy(vae).half()
+    decoded = half.decode(latents.half()).sample.float()
+    nonfinite = not bool(torch.isfinite(decoded).all())
+    difference = float((decoded - reference).abs().nan_to_num(float("inf")).max())
+    return dict(max_abs_diff=difference, nonfinite=nonfinite, bound=bound,
+                force_upcast=nonfinite or difference > bound, images=images.shape[0], size=images.shape[-1])
+
+
+def check_images(resolution: int = 128) -> torch.Tensor:
+    """Two real photos (scikit-image's), centre-cropped."""
+    from PIL import Image
+
+    from .demo import load_photo
+
+    crops = []
+    for name in ("astronaut", "coffee"):
+        image = Image.fromarray(load_photo(name))
+        image.thumbnail((2 * resolution, 2 * resolution))
+        w, h = image.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        crop = torch.from_numpy(np.array(image.crop((left, top, left + resolution, top + resolution))))
+        crops.append(crop.permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(crops)
+
+
+def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "", fp16: dict | None = None) -> Path:
+    """LDM-layout safetensors (what A1111 loads strictly and ComfyUI reads from models/vae/), with metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    metadata = {
+        "format": "pt",
+        "sdvae.architecture": json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items()
+                                          if not k.startswith("_")}),
+        "sdvae.scaling_factor": str(vae.config.scaling_factor),
+        "sdvae.source": str(source),
+        "sdvae.dtype": dtype,
+    }
+    if fp16 is not None:
+        metadata["sdvae.fp16_check"] = json.dumps(fp16)
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def save_diffusers(vae, folder: str | Path, dtype: str = "fp32", fp16: dict | None = None) -> Path:
+    """A diffusers folder; with an fp16 check, its config's force_upcast is what the check measured."""
+    if fp16 is not None:
+        vae.register_to_config(force_upcast=fp16["force_upcast"])
+    vae = vae.to(DTYPES[dtype]) if dtype != "fp32" else vae
+    vae.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def convert(source: str | Path, out: str | Path, dtype: str = "fp32") -> tuple[str, Path]:
+    """Convert between layouts, detecting the input's: LDM single file -> diffusers folder,
+    diffusers (folder or bare state dict) -> LDM single file. Returns (direction, output path)."""
+    source = Path(source)
+    if source.is_file():
+        vae, layout = load_single_file(source, return_layout=True)
+        if layout == "ldm":
+            return "ldm -> diffusers", save_diffusers(vae, out, dtype)
+    else:
+        vae = load_pretrained_vae(str(source))
+    return "diffusers -> ldm", save_single_file(vae, out, dtype, source=str(source))
