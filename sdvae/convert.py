@@ -1,6 +1,7 @@
 """Reading VAE weights from the files people have: diffusers folders, original LDM single files, whole SD checkpoints."""
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -9,6 +10,22 @@ import torch
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # whole SD checkpoints / some trainers
 DROPPED_PREFIXES = ("loss.", "model_ema.")  # LDM's discriminator/LPIPS and EMA buffers travel in the same file
+SDXL_MARKER = "conditioner.embedders.1."  # SDXL's second text encoder: its VAE latents scale by 0.13025
+CONFIG_KEYS = ("scaling_factor", "shift_factor", "force_upcast")  # what shapes cannot tell
+
+
+def file_config(path: str | Path, state: dict) -> dict:
+    """Config values a file carries besides its shapes: our export's metadata, or SDXL's scaling factor."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            architecture = (f.metadata() or {}).get("sdvae.architecture")
+        if architecture:
+            return {k: v for k, v in json.loads(architecture).items() if k in CONFIG_KEYS}
+    if any(k.startswith(SDXL_MARKER) for k in state):
+        return {"scaling_factor": 0.13025}
+    return {}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -69,11 +86,12 @@ def load_single_file(path: str | Path, return_layout: bool = False):
     """An AutoencoderKL from one file in either layout; the architecture comes from the file itself."""
     from diffusers import AutoencoderKL
 
-    state = vae_keys_only(read_state_dict(path))
+    whole = read_state_dict(path)
+    state = vae_keys_only(whole)
     if "encoder.conv_in.weight" not in state:
         raise ValueError(f"{path} holds no VAE weights (no encoder.conv_in.weight)")
     layout = "ldm" if is_ldm_layout(state) else "diffusers"
-    config = config_from_state(state)
+    config = {**config_from_state(state), **file_config(path, whole)}
     state = ldm_to_diffusers(state) if layout == "ldm" else modernise_diffusers_keys(state)
     vae = AutoencoderKL(**config)
     load_strict(vae, state, path)

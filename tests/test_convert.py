@@ -77,3 +77,21 @@ def test_bad_keys_are_a_clear_error(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['decoder.conv_out.bias'\].*unexpected \['decoder.extra.weight'\]"):
         load_single_file(tmp_path / "bad.safetensors")
+
+
+def test_single_files_keep_the_factors_shapes_cannot_tell(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdvae.convert import load_single_file
+    from sdvae.export import save_single_file
+
+    vae = build_vae("tiny")
+    vae.register_to_config(scaling_factor=0.4321, shift_factor=0.05)
+    save_single_file(vae, tmp_path / "ours.safetensors")
+    back = load_single_file(tmp_path / "ours.safetensors")
+    assert back.config.scaling_factor == 0.4321 and back.config.shift_factor == 0.05
+
+    ldm = {f"first_stage_model.{k}": v.contiguous() for k, v in diffusers_to_ldm(build_vae("tiny").state_dict()).items()}
+    ldm["conditioner.embedders.1.model.text_projection"] = torch.zeros(2, 2)  # an SDXL checkpoint
+    save_file(ldm, str(tmp_path / "sdxl.safetensors"))
+    assert load_single_file(tmp_path / "sdxl.safetensors").config.scaling_factor == 0.13025
