@@ -57,6 +57,15 @@ def open_image(source) -> Image.Image:
             return to_rgb(image)
 
 
+def seed_for(*values: int) -> int:
+    """One 63-bit seed from several integers (seed, epoch, index...): randomness that depends on position
+    only, not on the workers, processes or resumes that got there."""
+    h = 0
+    for v in values:
+        h = (h * 1_000_003 + v) % 2**63
+    return h
+
+
 class ImageTransform:
     """Resize the shorter side up to `resolution` when smaller, crop, flip, scale to [-1, 1].
 
@@ -75,7 +84,7 @@ class ImageTransform:
             size = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BICUBIC)
         w, h = image.size
-        rng = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index) % 2**63)
+        rng = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, index))
         if self.random_crop:
             left, top = (int(torch.randint(n + 1, (1,), generator=rng)) for n in (w - res, h - res))
         else:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import build_dataset
+from .data import build_dataset, seed_for
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def latent_statistics(vae, data: str, resolution: int = 256, batch_size: int = 8
         posterior = vae.encode(x).latent_dist
         z = posterior.mode()
         if sample:  # as LDM measured its 0.18215: on samples z = mu + sigma * eps, eps seeded per image
-            eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed_for(seed, i)))
                                for i, _ in kept]).to(z)
             z = posterior.mean + posterior.std * eps
         z = z.double().transpose(0, 1).reshape(channels, -1)

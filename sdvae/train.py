@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig, save_config
 from .convert import load_pretrained_vae
-from .data import build_dataset, collate
+from .data import build_dataset, collate, seed_for
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
 from .losses import AutoencoderLoss, build_lpips
 from .metrics import comparison_grid, reconstruct, score, summarise
@@ -138,7 +138,7 @@ def train(cfg: TrainConfig) -> dict:
 
             use_disc = disc is not None and step >= cfg.disc_start  # before disc_start it costs nothing
             with accelerator.accumulate(model, *([disc] if disc is not None else [])):
-                noise_seed = noise_seed_for(cfg.seed, accelerator.process_index, step, batch_in_epoch, epoch)
+                noise_seed = seed_for(cfg.seed, accelerator.process_index, step, batch_in_epoch, epoch)
                 reconstruction, kl, logvar = model(x, noise_seed if cfg.sample_posterior else None)
                 with accelerator.autocast():
                     loss, nll, logs = criterion(x, reconstruction, kl, logvar)
@@ -288,13 +288,6 @@ def write_preview(accelerator, model, preview, out: Path, step: int):
     accelerator.log({"preview/psnr": psnr}, step=step)
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     tracker.add_image("preview/input|reconstruction", np.asarray(grid), step, dataformats="HWC")
-
-
-def noise_seed_for(seed: int, process: int, *position: int) -> int:
-    h = seed
-    for v in (process, *position):
-        h = (h * 1_000_003 + v) % 2**63
-    return h
 
 
 def build_discriminator(cfg: TrainConfig, accelerator) -> torch.nn.Module:
