@@ -92,7 +92,7 @@ def run_train(args) -> int:
             v = metrics["validation"]
             print(f"  reconstructions:  {cfg.output_dir}/reconstructions.png")
             print(f"  held-out PSNR {v['psnr_mean']:.2f} dB, SSIM {v['ssim_mean']:.4f} on {v['images']} crops")
-        print(f"  {metrics['steps']} steps in {metrics['wall_seconds']:.0f} s, {metrics['images_per_sec']:.1f} images/s")
+        print(f"  {metrics['steps']} steps in {metrics['wall_seconds']:.0f} s, {metrics['images_per_sec']:.3g} images/s")
         if notice:
             print(notice)
     return 0

@@ -108,11 +108,14 @@ def _coerce(name: str, hint, value):
                 return False
             raise ValueError
         if base is int:
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value)  # accepts "1e4" and 10000.0, refuses 1.5
+            if not number.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) else int(value)
+            return int(number)
         if base is float:
             return float(value)
+        if isinstance(value, bool):  # YAML 1.1 reads `no` / `yes` as booleans (mixed_precision: no)
+            return "yes" if value else "no"
         return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"config key '{name}' expects {base.__name__}, got {value!r}") from None
@@ -155,7 +158,7 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"expected key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        out[key.strip()] = value.strip() or None  # typed by the field it sets (see _coerce)
     return out
 
 

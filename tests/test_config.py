@@ -18,6 +18,13 @@ def test_file_then_overrides_with_types(tmp_path):
     assert cfg.resume == "latest"
 
 
+def test_yaml_no_means_no_mixed_precision(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\nstreaming: yes\n")
+    assert load_config(path).mixed_precision == "no" and load_config(path).streaming is True
+    assert load_config(overrides=["mixed_precision=no", "val_data=none"]).mixed_precision == "no"
+
+
 @pytest.mark.parametrize("bad, message", [
     ("rec_loss=l3", "rec_loss"), ("batch_size=two", "batch_size"), ("resolution=100", "multiple of 8"),
     ("mixed_precision=fp8", "mixed_precision"), ("batch_size=1.5", "batch_size"),
