@@ -51,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--shift", action="store_true", help="with --write: also write shift_factor (SD3/FLUX)")
     stats.set_defaults(run=run_stats)
 
+    for name, helptext in (("encode", "images (files or folders) -> latent files, one .safetensors per image"),
+                           ("decode", "latent files written by `sdvae encode` -> PNG images at their original size")):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("inputs", nargs="+")
+        sub.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
+        sub.add_argument("--out", required=True)
+        sub.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+        sub.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+        if name == "encode":
+            sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
+        sub.set_defaults(run=run_codec)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
@@ -149,6 +161,24 @@ def run_stats(args) -> int:
     if args.write:
         path = write_factors(args.vae, result["scaling_factor"], result["shift_factor"] if args.shift else None)
         print(f"written to {path}")
+    return 0
+
+
+def run_codec(args) -> int:
+    from .codec import decode_files, encode_files, load_vae
+    from .export import DTYPES
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    codec = load_vae(args.vae, device, DTYPES[args.dtype])
+    if args.command == "encode":
+        done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw)
+        for line in skipped:
+            print(f"skipped {line}", file=sys.stderr)
+        print(f"{done} latents in {args.out} ({len(skipped)} unreadable files skipped)")
+    else:
+        print(f"{decode_files(codec, args.inputs, args.out)} images in {args.out}")
     return 0
 
 

@@ -1,0 +1,149 @@
+"""Images <-> latents with a trained VAE: `codec = sdvae.load_vae(path); z = codec.encode(images)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data import to_rgb
+
+
+def to_tensor(image) -> torch.Tensor:
+    """A PIL image, an HxWx3 uint8 array or a (3, H, W) tensor in [-1, 1] -> (3, H, W) float in [-1, 1]."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensors must be (3, H, W) in [-1, 1], got {tuple(image.shape)}")
+        return image.float()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"numpy images must be uint8 (H, W[, 3]), got {image.dtype}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected PIL images, uint8 arrays or tensors, got {type(image).__name__}")
+    return torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Reflect-pad right and bottom (the edge is repeated where the image is too small to reflect)."""
+    h, w = x.shape[-2:]
+    pad = (0, -w % multiple, 0, -h % multiple)
+    if not any(pad):
+        return x
+    mode = "reflect" if pad[1] < w and pad[3] < h else "replicate"
+    return F.pad(x, pad, mode=mode)
+
+
+@dataclass
+class VAECodec:
+    model: object  # diffusers AutoencoderKL
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.model.config.scaling_factor
+
+    @property
+    def shift_factor(self) -> float:
+        return getattr(self.model.config, "shift_factor", None) or 0.0
+
+    @torch.no_grad()
+    def encode(self, images, scaled: bool = True, sample: bool = False, generator: torch.Generator | None = None):
+        """Images of one size -> latents (B, C, ceil(H/8), ceil(W/8)); scaled as diffusion models expect
+        ((z - shift) * scale) unless `scaled=False`; the posterior mean unless `sample=True`."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            x = images.float()
+        else:
+            tensors = [to_tensor(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
+            sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
+            if len(sizes) > 1:
+                raise ValueError(f"encode takes images of one size per call; got sizes (H, W) {sizes}")
+            x = torch.stack(tensors)
+        x = pad_to_multiple(x).to(self.device, self.dtype)
+        posterior = self.model.encode(x).latent_dist
+        z = posterior.sample(generator=generator) if sample else posterior.mode()
+        z = z.float()
+        return (z - self.shift_factor) * self.scaling_factor if scaled else z
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, size: tuple[int, int] | None = None, scaled: bool = True,
+               output_type: str = "pil"):
+        """Latents -> images; `size=(W, H)` crops the encoder's padding back off.
+        output_type: "pil" (list of images), "np" (B, H, W, 3 uint8) or "pt" (B, 3, H, W in [-1, 1])."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
+        z = latents.float()
+        z = z / self.scaling_factor + self.shift_factor if scaled else z
+        x = self.model.decode(z.to(self.device, self.dtype)).sample.float().clamp(-1, 1)
+        if size is not None:
+            x = x[..., : size[1], : size[0]]
+        if output_type == "pt":
+            return x.cpu()
+        array = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return array if output_type == "np" else [Image.fromarray(a) for a in array]
+
+
+def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VAECodec:
+    """A diffusers folder, a single file, an sdvae run folder, or (with a network) a hub id."""
+    from .convert import load_pretrained_vae
+
+    device = torch.device(device)
+    model = load_pretrained_vae(str(path)).to(device, dtype).eval()
+    return VAECodec(model, device, dtype)
+
+
+def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True) -> tuple[int, list]:
+    """Each image -> OUT/<name>.safetensors holding `latent` and its original size; unreadable files are
+    skipped and returned by name."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .data import IMAGE_EXTENSIONS, open_image
+
+    files = []
+    for item in map(Path, inputs):
+        files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if item.is_dir() else [item]
+    if not files:
+        raise ValueError(f"no images in {', '.join(map(str, inputs))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped, done = [], 0
+    for path in tqdm(files, desc="encode", unit="img"):
+        try:
+            image = open_image(path)
+        except Exception as e:
+            skipped.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        z = codec.encode(image, scaled=scaled)[0].contiguous()
+        meta = {"width": str(image.width), "height": str(image.height), "scaled": str(scaled), "source": str(path)}
+        save_file({"latent": z}, str(out / f"{path.stem}.safetensors"), metadata=meta)
+        done += 1
+    return done, skipped
+
+
+def decode_files(codec: VAECodec, inputs: list, out) -> int:
+    """OUT/<name>.png for each latent file written by `encode_files`, at the image's original size."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    files = []
+    for item in map(Path, inputs):
+        files += sorted(item.glob("*.safetensors")) if item.is_dir() else [item]
+    if not files:
+        raise ValueError(f"no .safetensors latents in {', '.join(map(str, inputs))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(files, desc="decode", unit="img"):
+        with safe_open(str(path), "pt") as f:
+            z, meta = f.get_tensor("latent"), f.metadata() or {}
+        size = (int(meta["width"]), int(meta["height"])) if "width" in meta else None
+        image = codec.decode(z[None], size=size, scaled=meta.get("scaled", "True") == "True")[0]
+        image.save(out / f"{path.stem}.png")
+    return len(files)
