@@ -40,7 +40,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
 class VAECodec:
     model: object  # diffusers AutoencoderKL
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the encoder's
+    decode_dtype: torch.dtype | None = None  # the decoder's; fp32 where an fp16 VAE has force_upcast
+
+    def __post_init__(self):
+        self.decode_dtype = self.decode_dtype or self.dtype
 
     @property
     def scaling_factor(self) -> float:
@@ -55,6 +59,8 @@ class VAECodec:
         """Images of one size -> latents (B, C, ceil(H/8), ceil(W/8)); scaled as diffusion models expect
         ((z - shift) * scale) unless `scaled=False`; the posterior mean unless `sample=True`."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
+            if images.shape[1] != 3:
+                raise ValueError(f"image batches must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
             x = images.float()
         else:
             tensors = [to_tensor(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
@@ -77,7 +83,7 @@ class VAECodec:
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
         z = latents.float()
         z = z / self.scaling_factor + self.shift_factor if scaled else z
-        x = self.model.decode(z.to(self.device, self.dtype)).sample.float().clamp(-1, 1)
+        x = self.model.decode(z.to(self.device, self.decode_dtype)).sample.float().clamp(-1, 1)
         if size is not None:
             x = x[..., : size[1], : size[0]]
         if output_type == "pt":
@@ -86,13 +92,26 @@ class VAECodec:
         return array if output_type == "np" else [Image.fromarray(a) for a in array]
 
 
-def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VAECodec:
-    """A diffusers folder, a single file, an sdvae run folder, or (with a network) a hub id."""
+def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             channels_last: bool = False) -> VAECodec:
+    """A diffusers folder, a single file, an sdvae run folder, or (with a network) a hub id.
+
+    fp16 honours the config's `force_upcast` as diffusers pipelines do: the decoder then stays fp32 (the SD VAE's
+    decoder overflows fp16 at high resolution) while the encoder runs in fp16."""
     from .convert import load_pretrained_vae
 
     device = torch.device(device)
-    model = load_pretrained_vae(str(path)).to(device, dtype).eval()
-    return VAECodec(model, device, dtype)
+    model = load_pretrained_vae(str(path)).to(device).eval()
+    decode_dtype = dtype
+    if dtype == torch.float16 and getattr(model.config, "force_upcast", False):
+        model.encoder.to(dtype)  # the decoder keeps its fp32 weights
+        model.quant_conv.to(dtype)
+        decode_dtype = torch.float32
+    else:
+        model.to(dtype)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return VAECodec(model, device, dtype, decode_dtype)
 
 
 def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True) -> tuple[int, list]:

@@ -78,3 +78,26 @@ def test_encode_decode_commands_keep_original_sizes(tmp_path, codec):
     assert main(["decode", str(tmp_path / "latents"), "--vae", str(vae_dir), "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (61, 45)
     assert Image.open(tmp_path / "out" / "b.png").size == (40, 72)
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_fp16_honours_force_upcast(tmp_path, force_upcast):
+    torch.manual_seed(0)
+    vae = build_vae("tiny")
+    vae.register_to_config(force_upcast=force_upcast)
+    vae.save_pretrained(tmp_path)
+    half = sdvae.load_vae(str(tmp_path), dtype=torch.float16)
+    full = sdvae.load_vae(str(tmp_path))
+    assert half.model.encoder.conv_in.weight.dtype == torch.float16
+    assert half.model.decoder.conv_out.weight.dtype == (torch.float32 if force_upcast else torch.float16)
+    z = full.encode(photo(32, 32))
+    a, b = half.decode(z, output_type="pt"), full.decode(z, output_type="pt")
+    if force_upcast:
+        torch.testing.assert_close(a, b)
+    assert torch.isfinite(a).all() and (a - b).abs().max() < 0.05
+
+
+def test_channels_last_gives_the_same_latents(tmp_path, codec):
+    codec.model.save_pretrained(tmp_path)
+    cl = sdvae.load_vae(str(tmp_path), channels_last=True)
+    torch.testing.assert_close(cl.encode(photo(32, 32)), codec.encode(photo(32, 32)), atol=1e-5, rtol=1e-5)
