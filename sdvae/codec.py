@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from .data import to_rgb
+from .data import IMAGE_EXTENSIONS, open_image, to_rgb
 
 
 def to_tensor(image) -> torch.Tensor:
@@ -117,13 +121,6 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
 def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True) -> tuple[int, list]:
     """Each image -> OUT/<name>.safetensors holding `latent` and its original size; unreadable files are
     skipped and returned by name."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from .data import IMAGE_EXTENSIONS, open_image
-
     files = []
     for item in map(Path, inputs):
         files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if item.is_dir() else [item]
@@ -147,11 +144,6 @@ def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True) -> tup
 
 def decode_files(codec: VAECodec, inputs: list, out) -> int:
     """OUT/<name>.png for each latent file written by `encode_files`, at the image's original size."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
     files = []
     for item in map(Path, inputs):
         files += sorted(item.glob("*.safetensors")) if item.is_dir() else [item]

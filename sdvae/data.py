@@ -6,6 +6,7 @@ counted, never a crash: the dataset returns None for it and `collate` reports it
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
@@ -115,6 +116,12 @@ class _ImageSource(Dataset):
 
     def __getitem__(self, i):
         return _load(self.source(i), self.name(i), self.transform, i)
+
+    def centre_cropped(self):
+        """The same images, centre-cropped and unflipped (for validation), without listing them again."""
+        view = copy.copy(self)
+        view.transform = ImageTransform(self.transform.resolution, random_flip=False, random_crop=False)
+        return view
 
 
 class ImageFolder(_ImageSource):

@@ -60,7 +60,7 @@ def train(cfg: TrainConfig) -> dict:
     streaming = isinstance(dataset, IterableDataset)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not streaming, num_workers=cfg.num_workers,
                         collate_fn=collate, drop_last=False)
-    preview, val_batches = load_validation(cfg)
+    preview, val_batches = load_validation(cfg, dataset)
 
     vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
     if cfg.train_decoder_only:  # the sd-vae-ft-mse recipe: latents of the source VAE stay valid
@@ -164,8 +164,7 @@ def train(cfg: TrainConfig) -> dict:
                 nonfinite_in_a_row, nonfinite_steps = nonfinite_in_a_row + 1, nonfinite_steps + 1
                 log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-                    last = find_checkpoint(out, "latest") if done else "none written yet"
+                    last = (completed_checkpoints(out) or ["none written yet"])[-1]
                     raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: stopping. "
                                        f"Last good checkpoint: {last}. Try a lower learning_rate, "
                                        f"mixed_precision=no or bf16, or max_grad_norm.")
@@ -240,12 +239,16 @@ def train(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def load_validation(cfg: TrainConfig):
+def load_validation(cfg: TrainConfig, train_dataset):
     """Fixed centre crops: `val_data` is scored with PSNR/SSIM; the preview grids show `preview_images` of them
     (of the first training images when there is no `val_data`)."""
-    source = cfg.val_data or cfg.data
-    split = cfg.val_split if cfg.val_data else cfg.data_split
-    dataset = build_dataset(source, cfg.resolution, cfg.image_column, split, random_flip=False, random_crop=False)
+    if cfg.val_data:
+        dataset = build_dataset(cfg.val_data, cfg.resolution, cfg.image_column, cfg.val_split,
+                                random_flip=False, random_crop=False)
+    elif isinstance(train_dataset, IterableDataset):
+        return None, []
+    else:  # the training files, already listed, seen through centre crops
+        dataset = train_dataset.centre_cropped()
     if isinstance(dataset, IterableDataset):
         return None, []
     images = []
@@ -329,16 +332,22 @@ def report_skipped(batch_skipped, skipped: set, limit: int) -> None:
             log.warning("more unreadable images: counting them without naming each (see metrics.json)")
 
 
+def completed_checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N folders that were fully written (they hold trainer_state.json), oldest first."""
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
 def find_checkpoint(out: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise FileNotFoundError(f"not a complete sdvae checkpoint: {path} (no trainer_state.json)")
         return path
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    done = completed_checkpoints(out)
     if not done:
         raise FileNotFoundError(f"--resume latest: no checkpoint in {out}")
-    return max(done, key=lambda p: int(p.name.split("-")[1]))
+    return done[-1]
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict, ema=None):
@@ -360,8 +369,7 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict, e
             shutil.rmtree(final)
         os.replace(tmp, final)
         if keep > 0:
-            done = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in done[:-keep]:
+            for old in completed_checkpoints(out)[:-keep]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
