@@ -59,6 +59,13 @@ class VAECodec:
         return getattr(self.model.config, "shift_factor", None) or 0.0
 
     @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (B, 3, H, W) batch in [-1, 1], H and W multiples of 8 -> the posterior's (mean, std), unscaled, fp32
+        (what a latent cache stores, so that a trainer can draw a new sample every epoch)."""
+        dist = self.model.encode(x.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
     def encode(self, images, scaled: bool = True, sample: bool = False, generator: torch.Generator | None = None):
         """Images of one size -> latents (B, C, ceil(H/8), ceil(W/8)); scaled as diffusion models expect
         ((z - shift) * scale) unless `scaled=False`; the posterior mean unless `sample=True`."""
