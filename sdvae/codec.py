@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, open_image, to_rgb
+from .tiling import default_budget, tiled_decode, tiled_encode, untiled_bytes
 
 
 def to_tensor(image) -> torch.Tensor:
@@ -46,6 +48,8 @@ class VAECodec:
     device: torch.device
     dtype: torch.dtype  # the encoder's
     decode_dtype: torch.dtype | None = None  # the decoder's; fp32 where an fp16 VAE has force_upcast
+    tile_size: int = 256  # tiles hold about tile_size^2 pixels of each layer (see sdvae.tiling)
+    max_memory: int | None = None  # bytes of activations before tiles spill to disk; default: 60% of what is free
 
     def __post_init__(self):
         self.decode_dtype = self.decode_dtype or self.dtype
@@ -58,6 +62,13 @@ class VAECodec:
     def shift_factor(self) -> float:
         return getattr(self.model.config, "shift_factor", None) or 0.0
 
+    def _tile(self, tiled: bool | None, direction: str, shape) -> bool:
+        if tiled is not None:
+            return tiled
+        budget = self.max_memory or default_budget(self.device)
+        dtype = self.dtype if direction == "encode" else self.decode_dtype
+        return budget is not None and untiled_bytes(self.model, direction, shape, dtype) > budget
+
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A (B, 3, H, W) batch in [-1, 1], H and W multiples of 8 -> the posterior's (mean, std), unscaled, fp32
@@ -66,9 +77,12 @@ class VAECodec:
         return dist.mean.float(), dist.std.float()
 
     @torch.no_grad()
-    def encode(self, images, scaled: bool = True, sample: bool = False, generator: torch.Generator | None = None):
+    def encode(self, images, scaled: bool = True, sample: bool = False, generator: torch.Generator | None = None,
+               tiled: bool | None = None, tile_size: int | None = None):
         """Images of one size -> latents (B, C, ceil(H/8), ceil(W/8)); scaled as diffusion models expect
-        ((z - shift) * scale) unless `scaled=False`; the posterior mean unless `sample=True`."""
+        ((z - shift) * scale) unless `scaled=False`; the posterior mean unless `sample=True`.
+        `tiled`: None tiles only when the untiled pass would not fit in memory; True/False force it. Tiling is
+        seam-free: it matches the untiled result up to float rounding (sdvae.tiling)."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             if images.shape[1] != 3:
                 raise ValueError(f"image batches must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
@@ -80,21 +94,32 @@ class VAECodec:
                 raise ValueError(f"encode takes images of one size per call; got sizes (H, W) {sizes}")
             x = torch.stack(tensors)
         x = pad_to_multiple(x).to(self.device, self.dtype)
-        posterior = self.model.encode(x).latent_dist
+        if self._tile(tiled, "encode", x.shape):
+            posterior = DiagonalGaussianDistribution(tiled_encode(self.model, x, tile_size or self.tile_size,
+                                                                  self.max_memory))
+        else:
+            posterior = self.model.encode(x).latent_dist
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         z = z.float()
         return (z - self.shift_factor) * self.scaling_factor if scaled else z
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, size: tuple[int, int] | None = None, scaled: bool = True,
-               output_type: str = "pil"):
+    def decode(self, latents: torch.Tensor, size: tuple[int, int] | None = None, tiled: bool | None = None,
+               tile_size: int | None = None, scaled: bool = True, output_type: str = "pil"):
         """Latents -> images; `size=(W, H)` crops the encoder's padding back off.
-        output_type: "pil" (list of images), "np" (B, H, W, 3 uint8) or "pt" (B, 3, H, W in [-1, 1])."""
+        `tiled`: None tiles only when the untiled pass would not fit in memory; True/False force it (seam-free,
+        as in `encode`). output_type: "pil" (list of images), "np" (B, H, W, 3 uint8) or "pt" (B, 3, H, W in
+        [-1, 1])."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
         z = latents.float()
         z = z / self.scaling_factor + self.shift_factor if scaled else z
-        x = self.model.decode(z.to(self.device, self.decode_dtype)).sample.float().clamp(-1, 1)
+        z = z.to(self.device, self.decode_dtype)
+        if self._tile(tiled, "decode", z.shape):
+            x = tiled_decode(self.model, z, tile_size or self.tile_size, self.max_memory)
+        else:
+            x = self.model.decode(z).sample
+        x = x.float().clamp(-1, 1)
         if size is not None:
             x = x[..., : size[1], : size[0]]
         if output_type == "pt":
@@ -104,8 +129,12 @@ class VAECodec:
 
 
 def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             channels_last: bool = False) -> VAECodec:
+             channels_last: bool = True, compile: bool = False, tile_size: int = 256,
+             max_memory: int | None = None) -> VAECodec:
     """A diffusers folder, a single file, an sdvae run folder, or (with a network) a hub id.
+
+    channels_last (default): convolutions run in NHWC, ~20% faster than NCHW on CPU (eval/bench_inference.py)
+    and the layout tensor cores want. `compile`: torch.compile the encoder and decoder (first call slow).
 
     fp16 honours the config's `force_upcast` as diffusers pipelines do: the decoder then stays fp32 (the SD VAE's
     decoder overflows fp16 at high resolution) while the encoder runs in fp16."""
@@ -122,7 +151,10 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
         model.to(dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return VAECodec(model, device, dtype, decode_dtype)
+    if compile:
+        model.encoder = torch.compile(model.encoder)
+        model.decoder = torch.compile(model.decoder)
+    return VAECodec(model, device, dtype, decode_dtype, tile_size, max_memory)
 
 
 def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True) -> tuple[int, list]:

@@ -101,3 +101,73 @@ def test_channels_last_gives_the_same_latents(tmp_path, codec):
     codec.model.save_pretrained(tmp_path)
     cl = sdvae.load_vae(str(tmp_path), channels_last=True)
     torch.testing.assert_close(cl.encode(photo(32, 32)), codec.encode(photo(32, 32)), atol=1e-5, rtol=1e-5)
+
+
+# --- seam-free tiling -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tile_size", [16, 40])  # 16: a 2-D grid of square tiles; 40: full-width bands
+def test_tiled_encode_and_decode_match_untiled_on_a_photo(codec, tile_size):
+    image = photo(203, 131)  # padded to 208 x 136
+    z = codec.encode(image, tiled=False)
+    z_tiled = codec.encode(image, tiled=True, tile_size=tile_size)
+    assert (z_tiled - z).abs().max() < 1e-4
+    x = codec.decode(z, output_type="pt", tiled=False)
+    x_tiled = codec.decode(z, output_type="pt", tiled=True, tile_size=tile_size)
+    assert x_tiled.shape == x.shape == (1, 3, 136, 208)
+    assert (x_tiled - x).abs().max() < 1e-4
+    # diffusers' own tiling, which normalises each tile on its own, is far from the untiled result
+    vae = codec.model
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 64, 8
+    try:
+        blended = vae.decode(z / codec.scaling_factor + codec.shift_factor)
+    finally:
+        vae.disable_tiling()
+    blended = blended.sample.clamp(-1, 1)
+    assert (blended - x).abs().max() > 100 * (x_tiled - x).abs().max()
+
+
+def test_tiled_decode_of_the_sd_architecture_and_spilling_to_disk(monkeypatch):
+    from sdvae import tiling
+
+    torch.manual_seed(0)
+    vae = build_vae("sd-kl-f8").eval().to(memory_format=torch.channels_last)
+    z = torch.randn(1, 4, 12, 17)
+    with torch.no_grad():
+        reference = vae.decode(z).sample
+    spilled = []
+    close = tiling.MemoryBudget.close
+    monkeypatch.setattr(tiling.MemoryBudget, "close", lambda self: (spilled.append(self.spilled), close(self))[1])
+    in_memory = tiling.tiled_decode(vae, z, tile_size=32)
+    on_disk = tiling.tiled_decode(vae, z, tile_size=32, max_memory=0)
+    assert spilled[0] == 0 and spilled[1] > 0
+    assert (in_memory - reference).abs().max() < 2e-4
+    assert (on_disk - reference).abs().max() < 2e-4
+
+
+def test_whole_image_statistics_survive_a_large_mean():
+    from sdvae.tiling import ChannelStats
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 40, 40) * 0.01 + torch.arange(8.0).view(1, 8, 1, 1) * 30  # mean/std up to 21000
+    norm = torch.nn.GroupNorm(4, 8)
+    stats = ChannelStats()
+    for rows in x.split(7, dim=2):
+        for tile in rows.split(9, dim=3):
+            stats.update(tile)
+    mean, rstd = stats.group_norm(norm)
+    torch.testing.assert_close((x - mean) * rstd, norm(x), atol=2e-3, rtol=0)
+
+
+def test_tiling_is_chosen_when_the_untiled_pass_would_not_fit(codec, monkeypatch):
+    from sdvae import codec as codec_module
+
+    calls = []
+    real = codec_module.tiled_decode
+    monkeypatch.setattr(codec_module, "tiled_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    z = codec.encode(photo(64, 64))
+    codec.decode(z)
+    assert not calls
+    small = sdvae.VAECodec(codec.model, codec.device, codec.dtype, max_memory=10_000)
+    torch.testing.assert_close(small.decode(z, output_type="pt"), codec.decode(z, output_type="pt"), atol=1e-4, rtol=0)
+    assert calls
