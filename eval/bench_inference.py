@@ -1,0 +1,230 @@
+"""Encode/decode speed and memory: sdvae's codec against diffusers' AutoencoderKL on identical weights.
+
+    python eval/bench_inference.py            # this machine's CPU, writes eval/results/bench_inference_cpu.*
+    python eval/bench_inference.py --sizes 256 512 1024 --batches 1 8 --dtypes fp32 bf16 fp16 \\
+        --memory-sizes 2048 4096 8192 --compile                    # on a GPU
+
+Weights: the SD architecture (`sd-kl-f8`) at random init (seed 0), saved once and loaded by both sides.
+Speed rows: diffusers = `AutoencoderKL.decode/encode` in eager mode (fp32, or bf16/fp16 autocast as diffusers
+users run it); ours = `sdvae.load_vae(...)` (channels-last, the dtype's weights), untiled; tiled = ours with the
+seam-free tiling forced on. "max |diff|" is against diffusers' output of the same row, on [-1, 1].
+Memory rows: each decode runs in a fresh process; peak = the process's peak resident memory during the call
+(VmHWM, reset just before it) or peak allocated memory (GPU), above what it held before the call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def timed(fn, budget_s: float):
+    """Median seconds of fn() over repeats that fit in budget_s (at least one), after one warm-up call when a
+    call is short enough to afford it."""
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    times = [first] if first * 2 > budget_s else []
+    while not times or (sum(times) + first < budget_s and len(times) < 5):
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], out
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def native_low_precision(dtype) -> bool:
+    if torch.cuda.is_available():
+        return True
+    return "AVX512" in torch.backends.cpu.get_cpu_capability() or dtype == torch.float32
+
+
+def speed_rows(folder, device, sizes, batches, dtypes, compile_, budget_s, tiled_from):
+    from diffusers import AutoencoderKL
+
+    import sdvae
+
+    reference = AutoencoderKL.from_pretrained(folder).to(device).eval()
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        if not native_low_precision(dtype):
+            print(f"skipping {dtype_name}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native "
+                  f"{dtype_name} arithmetic; its convolutions run 10-500x slower than fp32 here")
+            continue
+        ours = sdvae.load_vae(folder, device, dtype)
+        variants = {"ours": ours}
+        if compile_:
+            variants["ours+compile"] = sdvae.load_vae(folder, device, dtype, compile=True)
+        for size in sizes:
+            for batch in batches:
+                g = torch.Generator().manual_seed(size)
+                x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
+                z = torch.randn(batch, 4, size // 8, size // 8, generator=g).to(device)
+                for direction in ("decode", "encode"):
+                    def run_reference():
+                        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                            if direction == "decode":
+                                return reference.decode(z).sample.float().clamp(-1, 1)
+                            return reference.encode(x).latent_dist.mode().float()
+
+                    base_s, base = timed(run_reference, budget_s)
+                    row = dict(direction=direction, size=size, batch=batch, dtype=dtype_name,
+                               diffusers_img_s=batch / base_s)
+                    print(f"{direction} {size} b{batch} {dtype_name}: diffusers {base_s:.2f} s", flush=True)
+                    for name, codec in variants.items():
+                        for tiled in (False, True) if size >= tiled_from and name == "ours" else (False,):
+                            def run_ours():
+                                if direction == "decode":
+                                    return codec.decode(z, scaled=False, tiled=tiled, output_type="pt").to(device)
+                                return codec.encode(x, scaled=False, tiled=tiled)
+
+                            seconds, out = timed(run_ours, budget_s)
+                            key = name + (" tiled" if tiled else "")
+                            row[f"{key}_img_s"] = batch / seconds
+                            row[f"{key}_vs_diffusers"] = base_s / seconds
+                            row[f"{key}_max_diff"] = (out.float() - base.to(out.device)).abs().max().item()
+                            print(f"  {key}: {seconds:.2f} s ({base_s / seconds:.2f}x), max |diff| "
+                                  f"{row[f'{key}_max_diff']:.2e}", flush=True)
+                    rows.append(row)
+    return rows
+
+
+def memory_child(folder, device, size, mode, tile_size):
+    """Runs in its own process: one decode of a size x size image; prints a JSON line."""
+    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
+    if mode.startswith("diffusers"):
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(folder).to(device).eval()
+        if mode == "diffusers tiled":
+            vae.enable_tiling()
+    else:
+        import sdvae
+        codec = sdvae.load_vae(folder, device, torch.float32, tile_size=tile_size)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident size (VmHWM) to the current
+        before = _status_kb("VmRSS") * 1024
+    start = time.perf_counter()
+    with torch.no_grad():
+        if mode.startswith("diffusers"):
+            vae.decode(z)
+        else:
+            codec.decode(z, scaled=False, tiled=mode == "ours tiled", output_type="pt")
+    sync()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kb("VmHWM") * 1024
+    print(json.dumps(dict(size=size, mode=mode, seconds=seconds, peak_extra_gb=(peak - before) / 1e9)))
+
+
+def _status_kb(field: str) -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def memory_rows(folder, device, sizes, modes, tile_size, untiled_up_to):
+    rows = []
+    for size in sizes:
+        for mode in modes + (["diffusers untiled"] if size <= untiled_up_to else []):
+            print(f"memory: {mode} decode at {size}x{size} ...", flush=True)
+            result = subprocess.run([sys.executable, __file__, "--child", folder, device, str(size), mode,
+                                     str(tile_size)], capture_output=True, text=True)
+            if result.returncode:
+                print(result.stderr[-2000:])
+                rows.append(dict(size=size, mode=mode, error=result.stderr.strip().splitlines()[-1]))
+                continue
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"  {rows[-1]['seconds']:.1f} s, peak +{rows[-1]['peak_extra_gb']:.2f} GB", flush=True)
+    return rows
+
+
+def markdown(rows, memory, meta) -> str:
+    lines = [f"# Inference benchmark: {meta['device']}", "",
+             f"torch {meta['torch']}, diffusers {meta['diffusers']}; `{meta['command']}`", "",
+             "| | size | batch | dtype | diffusers img/s | ours img/s | ours / diffusers | max abs diff | "
+             "ours tiled img/s | tiled / diffusers | tiled max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tiled = (f"{r['ours tiled_img_s']:.3g} | {r['ours tiled_vs_diffusers']:.2f}x | {r['ours tiled_max_diff']:.1e}"
+                 if "ours tiled_img_s" in r else "| |")
+        lines.append(f"| {r['direction']} | {r['size']} | {r['batch']} | {r['dtype']} | {r['diffusers_img_s']:.3g} | "
+                     f"{r['ours_img_s']:.3g} | {r['ours_vs_diffusers']:.2f}x | {r['ours_max_diff']:.1e} | {tiled} |")
+        if "ours+compile_img_s" in r:
+            lines.append(f"| {r['direction']} (compiled) | {r['size']} | {r['batch']} | {r['dtype']} | | "
+                         f"{r['ours+compile_img_s']:.3g} | {r['ours+compile_vs_diffusers']:.2f}x | "
+                         f"{r['ours+compile_max_diff']:.1e} | | | |")
+    if memory:
+        lines += ["", "Decode memory (fp32, one image, fresh process each):", "",
+                  "| size | mode | seconds | peak extra GB |", "|---|---|---|---|"]
+        for m in memory:
+            lines.append(f"| {m['size']} | {m['mode']} | " + (f"{m['seconds']:.1f} | {m['peak_extra_gb']:.2f} |"
+                                                              if "seconds" in m else f"failed: {m['error']} | |"))
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    if sys.argv[1:2] == ["--child"]:
+        folder, device, size, mode, tile = sys.argv[2:]
+        return memory_child(folder, device, int(size), mode, int(tile))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1])
+    parser.add_argument("--extra", nargs="*", default=["256x8"], help="more SIZExBATCH speed rows (fp32)")
+    parser.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd encoder/decoder")
+    parser.add_argument("--tiled-from", type=int, default=1024, help="also time tiled mode from this size")
+    parser.add_argument("--memory-sizes", type=int, nargs="*", default=[1024, 2048])
+    parser.add_argument("--untiled-up-to", type=int, default=1024, help="memory rows of the untiled decode too")
+    parser.add_argument("--memory-modes", nargs="*", default=["ours tiled", "diffusers tiled"])
+    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of repeats per measurement")
+    parser.add_argument("--out", default=None, help="results file stem (default eval/results/bench_inference_<device>)")
+    args = parser.parse_args()
+
+    import diffusers
+
+    from sdvae.models import build_vae
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else \
+        f"CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+    folder = tempfile.mkdtemp(prefix="sdvae-bench-")
+    torch.manual_seed(0)
+    build_vae("sd-kl-f8").save_pretrained(folder)
+
+    rows = speed_rows(folder, device, args.sizes, args.batches, args.dtypes, args.compile, args.budget_s,
+                      args.tiled_from)
+    for extra in args.extra:
+        size, batch = map(int, extra.split("x"))
+        rows += speed_rows(folder, device, [size], [batch], ["fp32"], False, args.budget_s, args.tiled_from)
+    memory = memory_rows(folder, device, args.memory_sizes, args.memory_modes, args.tile_size, args.untiled_up_to)
+
+    meta = dict(device=name, torch=torch.__version__, diffusers=diffusers.__version__,
+                command="python " + " ".join(sys.argv))
+    out = Path(args.out or Path(__file__).parent / "results" / f"bench_inference_{device}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, speed=rows, memory=memory), indent=2))
+    table = markdown(rows, memory, meta)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
