@@ -106,7 +106,7 @@ def speed_rows(folder, device, sizes, batches, dtypes, compile_, budget_s, tiled
     return rows
 
 
-def memory_child(folder, device, size, mode, tile_size):
+def memory_child(folder, device, size, mode, tile_size, max_memory_gb):
     """Runs in its own process: one decode of a size x size image; prints a JSON line."""
     z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
     if mode.startswith("diffusers"):
@@ -116,7 +116,8 @@ def memory_child(folder, device, size, mode, tile_size):
             vae.enable_tiling()
     else:
         import sdvae
-        codec = sdvae.load_vae(folder, device, torch.float32, tile_size=tile_size)
+        codec = sdvae.load_vae(folder, device, torch.float32, tile_size=tile_size,
+                               max_memory=int(max_memory_gb * 1e9) if max_memory_gb else None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -132,20 +133,21 @@ def memory_child(folder, device, size, mode, tile_size):
     sync()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kb("VmHWM") * 1024
-    print(json.dumps(dict(size=size, mode=mode, seconds=seconds, peak_extra_gb=(peak - before) / 1e9)))
+    print(json.dumps(dict(size=size, mode=mode, seconds=seconds, peak_extra_gb=(peak - before) / 1e9,
+                          max_memory_gb=max_memory_gb)))
 
 
 def _status_kb(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
 
-def memory_rows(folder, device, sizes, modes, tile_size, untiled_up_to):
+def memory_rows(folder, device, sizes, modes, tile_size, untiled_up_to, max_memory_gb):
     rows = []
     for size in sizes:
         for mode in modes + (["diffusers untiled"] if size <= untiled_up_to else []):
             print(f"memory: {mode} decode at {size}x{size} ...", flush=True)
             result = subprocess.run([sys.executable, __file__, "--child", folder, device, str(size), mode,
-                                     str(tile_size)], capture_output=True, text=True)
+                                     str(tile_size), str(max_memory_gb)], capture_output=True, text=True)
             if result.returncode:
                 print(result.stderr[-2000:])
                 rows.append(dict(size=size, mode=mode, error=result.stderr.strip().splitlines()[-1]))
@@ -174,15 +176,16 @@ def markdown(rows, memory, meta) -> str:
         lines += ["", "Decode memory (fp32, one image, fresh process each):", "",
                   "| size | mode | seconds | peak extra GB |", "|---|---|---|---|"]
         for m in memory:
-            lines.append(f"| {m['size']} | {m['mode']} | " + (f"{m['seconds']:.1f} | {m['peak_extra_gb']:.2f} |"
-                                                              if "seconds" in m else f"failed: {m['error']} | |"))
+            mode = m["mode"] + (f" (max_memory {m['max_memory_gb']:g} GB)" if m.get("max_memory_gb") else "")
+            lines.append(f"| {m['size']} | {mode} | " + (f"{m['seconds']:.1f} | {m['peak_extra_gb']:.2f} |"
+                                                         if "seconds" in m else f"failed: {m['error']} | |"))
     return "\n".join(lines) + "\n"
 
 
 def main():
     if sys.argv[1:2] == ["--child"]:
-        folder, device, size, mode, tile = sys.argv[2:]
-        return memory_child(folder, device, int(size), mode, int(tile))
+        folder, device, size, mode, tile, max_memory_gb = sys.argv[2:]
+        return memory_child(folder, device, int(size), mode, int(tile), float(max_memory_gb))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024])
     parser.add_argument("--batches", type=int, nargs="*", default=[1])
@@ -194,6 +197,8 @@ def main():
     parser.add_argument("--untiled-up-to", type=int, default=1024, help="memory rows of the untiled decode too")
     parser.add_argument("--memory-modes", nargs="*", default=["ours tiled", "diffusers tiled"])
     parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--max-memory-gb", type=float, default=0,
+                        help="ours tiled: activations held in memory before tiles spill to disk (0: 60%% of free)")
     parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of repeats per measurement")
     parser.add_argument("--out", default=None, help="results file stem (default eval/results/bench_inference_<device>)")
     args = parser.parse_args()
@@ -214,7 +219,8 @@ def main():
     for extra in args.extra:
         size, batch = map(int, extra.split("x"))
         rows += speed_rows(folder, device, [size], [batch], ["fp32"], False, args.budget_s, args.tiled_from)
-    memory = memory_rows(folder, device, args.memory_sizes, args.memory_modes, args.tile_size, args.untiled_up_to)
+    memory = memory_rows(folder, device, args.memory_sizes, args.memory_modes, args.tile_size, args.untiled_up_to,
+                         args.max_memory_gb)
 
     meta = dict(device=name, torch=torch.__version__, diffusers=diffusers.__version__,
                 command="python " + " ".join(sys.argv))

@@ -63,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
         sub.set_defaults(run=run_codec)
 
+    cache = commands.add_parser(
+        "cache-latents", help="encode an image folder once into a resumable latent cache for diffusion training",
+        description="Resize and crop each image to an aspect-ratio bucket and store the VAE posterior's mean and std "
+                    "(unscaled) in safetensors shards with an index; re-running reuses what is cached and encodes "
+                    "only new or changed images. Load with sdvae.cache.LatentCache.")
+    cache.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
+    cache.add_argument("--data", required=True, help="image folder (searched recursively)")
+    cache.add_argument("--out", required=True, help="cache folder")
+    cache.add_argument("--resolution", type=int, default=256, help="buckets of about resolution² pixels (default 256)")
+    cache.add_argument("--crop", default="center", choices=["center", "random"])
+    cache.add_argument("--flip", action="store_true", help="also store the latents of the mirrored crops")
+    cache.add_argument("--no-buckets", action="store_true", help="one square bucket, resolution x resolution")
+    cache.add_argument("--batch-size", type=int, default=8)
+    cache.add_argument("--num-workers", type=int, default=None, help="loader processes (default: min(4, CPUs))")
+    cache.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    cache.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="encoder precision")
+    cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    cache.add_argument("--seed", type=int, default=0, help="seeds the random crops")
+    cache.set_defaults(run=run_cache)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
@@ -179,6 +199,22 @@ def run_codec(args) -> int:
         print(f"{done} latents in {args.out} ({len(skipped)} unreadable files skipped)")
     else:
         print(f"{decode_files(codec, args.inputs, args.out)} images in {args.out}")
+    return 0
+
+
+def run_cache(args) -> int:
+    from .cache import build_cache
+
+    report = build_cache(args.vae, args.data, args.out, resolution=args.resolution, crop=args.crop, flip=args.flip,
+                         buckets=not args.no_buckets, batch_size=args.batch_size, num_workers=args.num_workers,
+                         shard_size=args.shard_size, dtype=args.dtype, device=args.device, seed=args.seed)
+    for item in report["skipped_files"][:20]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    for shard in report["damaged_shards"]:
+        print(f"damaged shard {shard['file']} ({shard['reason']}): its images were encoded again", file=sys.stderr)
+    print(f"{report['cached']} images cached in {args.out}: {report['encoded']} encoded "
+          f"({report['images_per_sec']} images/s), {report['reused']} reused, {report['skipped']} unreadable skipped "
+          f"(listed in {args.out}/report.json)")
     return 0
 
 

@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 
 class ChannelStats:
@@ -137,11 +138,14 @@ class MemoryBudget:
     """Counts the bytes of live tiles; past `limit` new tiles go to memory-mapped files (unlinked at once, so the
     disk space returns when the tile is freed, and nothing is left behind by a killed process)."""
 
-    def __init__(self, limit: int | None):
+    def __init__(self, limit: int | None, progress=None):
         self.limit, self.used, self.peak, self.spilled = limit, 0, 0, 0
+        self.progress = progress  # a tqdm bar advanced once per tile computed, or None
         self.folder, self.mapped, self._scratch = None, set(), None
 
     def store(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.progress is not None:
+            self.progress.update(1)
         size = tensor.numel() * tensor.element_size()
         if self.limit is None or self.used + size <= self.limit:
             self.used += size
@@ -176,6 +180,8 @@ class MemoryBudget:
             self.used -= tensor.numel() * tensor.element_size()
 
     def close(self):
+        if self.progress is not None:
+            self.progress.close()
         if self.folder:
             os.rmdir(self.folder)
 
@@ -308,6 +314,12 @@ def default_budget(device: torch.device) -> int | None:
         return None
 
 
+def _budget(max_memory, device, pixels: int, tile_size: int, name: str) -> MemoryBudget:
+    # a progress bar (tiles/s) where the pass is long: more than ~16 full-resolution tiles
+    bar = tqdm(desc=name, unit="tile", leave=False) if pixels > 16 * tile_size * tile_size else None
+    return MemoryBudget(max_memory if max_memory is not None else default_budget(device), bar)
+
+
 @torch.no_grad()
 def tiled_decode(vae, z: torch.Tensor, tile_size: int = 256, max_memory: int | None = None) -> torch.Tensor:
     """vae.decode(z).sample, computed layer by layer over tiles of `tile_size` pixels (of each stage's own
@@ -315,7 +327,7 @@ def tiled_decode(vae, z: torch.Tensor, tile_size: int = 256, max_memory: int | N
     decoder = vae.decoder
     if decoder.conv_norm_out.__class__ is not torch.nn.GroupNorm:
         raise NotImplementedError("tiled decode supports GroupNorm decoders (not SpatialNorm)")
-    memory = MemoryBudget(max_memory if max_memory is not None else default_budget(z.device))
+    memory = _budget(max_memory, z.device, z.shape[-2] * z.shape[-1] * 64, tile_size, "tiled decode")
     try:
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
@@ -343,7 +355,7 @@ def tiled_decode(vae, z: torch.Tensor, tile_size: int = 256, max_memory: int | N
 def tiled_encode(vae, x: torch.Tensor, tile_size: int = 256, max_memory: int | None = None) -> torch.Tensor:
     """The posterior's moments (B, 2C, H/8, W/8), as vae.encode computes them, layer by layer over tiles."""
     encoder = vae.encoder
-    memory = MemoryBudget(max_memory if max_memory is not None else default_budget(x.device))
+    memory = _budget(max_memory, x.device, x.shape[-2] * x.shape[-1], tile_size, "tiled encode")
     try:
         grid = TileGrid(x.shape, tile_size, x.dtype, x.device, memory, stats=False)
         for index, (y0, y1, x0, x1) in grid.boxes():
