@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--out", required=True)
         sub.add_argument("--device", default=None, help="default: cuda when available, else cpu")
         sub.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+        sub.add_argument("--tiled", action=argparse.BooleanOptionalAction, default=None,
+                         help="seam-free tiling (whole-image GroupNorm statistics, same result as untiled); "
+                              "default: only when the untiled pass would not fit in memory")
+        sub.add_argument("--tile-size", type=int, default=256, help="tiles of about N x N pixels (default 256)")
+        sub.add_argument("--compile", action="store_true", help="torch.compile the network (slow first image)")
         if name == "encode":
             sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
         sub.set_defaults(run=run_codec)
@@ -191,14 +196,14 @@ def run_codec(args) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    codec = load_vae(args.vae, device, DTYPES[args.dtype])
+    codec = load_vae(args.vae, device, DTYPES[args.dtype], compile=args.compile, tile_size=args.tile_size)
     if args.command == "encode":
-        done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw)
+        done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled)
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
         print(f"{done} latents in {args.out} ({len(skipped)} unreadable files skipped)")
     else:
-        print(f"{decode_files(codec, args.inputs, args.out)} images in {args.out}")
+        print(f"{decode_files(codec, args.inputs, args.out, tiled=args.tiled)} images in {args.out}")
     return 0
 
 

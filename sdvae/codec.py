@@ -1,6 +1,7 @@
 """Images <-> latents with a trained VAE: `codec = sdvae.load_vae(path); z = codec.encode(images)`."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,13 +143,16 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
 
     device = torch.device(device)
     model = load_pretrained_vae(str(path)).to(device).eval()
+    if device.type == "cpu" and dtype != torch.float32 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        warnings.warn(f"{dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native 16-bit "
+                      f"arithmetic) is much slower than float32 (eval/results/bench_inference_cpu.md)")
     decode_dtype = dtype
     if dtype == torch.float16 and getattr(model.config, "force_upcast", False):
         model.encoder.to(dtype)  # the decoder keeps its fp32 weights
         model.quant_conv.to(dtype)
         decode_dtype = torch.float32
-    else:
-        model.to(dtype)
+    elif dtype != torch.float32:
+        torch.nn.Module.to(model, dtype)  # (diffusers' own .to() warns about an empty fp32 module list)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
@@ -157,7 +161,7 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     return VAECodec(model, device, dtype, decode_dtype, tile_size, max_memory)
 
 
-def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True) -> tuple[int, list]:
+def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True, tiled: bool | None = None) -> tuple[int, list]:
     """Each image -> OUT/<name>.safetensors holding `latent` and its original size; unreadable files are
     skipped and returned by name."""
     files = []
@@ -174,14 +178,14 @@ def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True) -> tup
         except Exception as e:
             skipped.append(f"{path}: {type(e).__name__}: {e}")
             continue
-        z = codec.encode(image, scaled=scaled)[0].contiguous()
+        z = codec.encode(image, scaled=scaled, tiled=tiled)[0].contiguous()
         meta = {"width": str(image.width), "height": str(image.height), "scaled": str(scaled), "source": str(path)}
         save_file({"latent": z}, str(out / f"{path.stem}.safetensors"), metadata=meta)
         done += 1
     return done, skipped
 
 
-def decode_files(codec: VAECodec, inputs: list, out) -> int:
+def decode_files(codec: VAECodec, inputs: list, out, tiled: bool | None = None) -> int:
     """OUT/<name>.png for each latent file written by `encode_files`, at the image's original size."""
     files = []
     for item in map(Path, inputs):
@@ -194,6 +198,6 @@ def decode_files(codec: VAECodec, inputs: list, out) -> int:
         with safe_open(str(path), "pt") as f:
             z, meta = f.get_tensor("latent"), f.metadata() or {}
         size = (int(meta["width"]), int(meta["height"])) if "width" in meta else None
-        image = codec.decode(z[None], size=size, scaled=meta.get("scaled", "True") == "True")[0]
+        image = codec.decode(z[None], size=size, tiled=tiled, scaled=meta.get("scaled", "True") == "True")[0]
         image.save(out / f"{path.stem}.png")
     return len(files)

@@ -78,6 +78,10 @@ def test_encode_decode_commands_keep_original_sizes(tmp_path, codec):
     assert main(["decode", str(tmp_path / "latents"), "--vae", str(vae_dir), "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (61, 45)
     assert Image.open(tmp_path / "out" / "b.png").size == (40, 72)
+    assert main(["decode", str(tmp_path / "latents"), "--vae", str(vae_dir), "--out", str(tmp_path / "tiled"),
+                 "--tiled", "--tile-size", "16"]) == 0
+    untiled, tiled = (np.array(Image.open(tmp_path / d / "a.png"), dtype=int) for d in ("out", "tiled"))
+    assert np.abs(untiled - tiled).max() <= 1  # the same image, to one 8-bit level of rounding
 
 
 @pytest.mark.parametrize("force_upcast", [True, False])
