@@ -106,6 +106,38 @@ def speed_rows(folder, device, sizes, batches, dtypes, compile_, budget_s, tiled
     return rows
 
 
+def quality_rows(vae_path, data_dir, dtypes, device, max_images):
+    """PSNR of each precision's reconstruction against the input and against the fp32 reconstruction (8-bit,
+    full size), on real photos with a trained VAE."""
+    import numpy as np
+
+    import sdvae
+    from sdvae.data import list_images, open_image
+    from sdvae.metrics import psnr
+
+    files = list_images(Path(data_dir))[:max_images]
+    images = [np.array(open_image(f)) for f in files]
+    recon = {}
+    for name in ["fp32"] + [d for d in dtypes if d != "fp32"]:
+        codec = sdvae.load_vae(vae_path, device, DTYPES[name])
+        start = time.perf_counter()
+        recon[name] = [codec.decode(codec.encode(im), size=(im.shape[1], im.shape[0]), output_type="np")[0]
+                       for im in images]
+        recon[name + "_seconds"] = time.perf_counter() - start
+    rows = []
+    for name in [d for d in dtypes if d != "fp32"]:
+        vs_input = [psnr(r, im) for r, im in zip(recon[name], images)]
+        vs_fp32 = [psnr(r, f) for r, f in zip(recon[name], recon["fp32"])]
+        base = [psnr(f, im) for f, im in zip(recon["fp32"], images)]
+        rows.append(dict(dtype=name, images=len(images), psnr_fp32=float(np.mean(base)),
+                         psnr=float(np.mean(vs_input)), psnr_change=float(np.mean(vs_input) - np.mean(base)),
+                         psnr_vs_fp32_output=float(np.mean(vs_fp32)), seconds=recon[name + "_seconds"],
+                         fp32_seconds=recon["fp32_seconds"]))
+        print(f"quality {name}: PSNR {rows[-1]['psnr']:.3f} dB vs fp32 {rows[-1]['psnr_fp32']:.3f} "
+              f"({rows[-1]['psnr_change']:+.3f}); against the fp32 output {rows[-1]['psnr_vs_fp32_output']:.2f} dB")
+    return rows
+
+
 def memory_child(folder, device, size, mode, tile_size, max_memory_gb):
     """Runs in its own process: one decode of a size x size image; prints a JSON line."""
     z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
@@ -157,7 +189,7 @@ def memory_rows(folder, device, sizes, modes, tile_size, untiled_up_to, max_memo
     return rows
 
 
-def markdown(rows, memory, meta) -> str:
+def markdown(rows, memory, meta, quality=()) -> str:
     lines = [f"# Inference benchmark: {meta['device']}", "",
              f"torch {meta['torch']}, diffusers {meta['diffusers']}; `{meta['command']}`", "",
              "| | size | batch | dtype | diffusers img/s | ours img/s | ours / diffusers | max abs diff | "
@@ -172,6 +204,14 @@ def markdown(rows, memory, meta) -> str:
             lines.append(f"| {r['direction']} (compiled) | {r['size']} | {r['batch']} | {r['dtype']} | | "
                          f"{r['ours+compile_img_s']:.3g} | {r['ours+compile_vs_diffusers']:.2f}x | "
                          f"{r['ours+compile_max_diff']:.1e} | | | |")
+    if quality:
+        lines += ["", "Quality of the lower precisions (encode + decode at full size, 8-bit PSNR):", "",
+                  "| dtype | images | PSNR fp32 | PSNR | change | PSNR against the fp32 output | seconds (fp32) |",
+                  "|---|---|---|---|---|---|---|"]
+        for q in quality:
+            lines.append(f"| {q['dtype']} | {q['images']} | {q['psnr_fp32']:.3f} | {q['psnr']:.3f} | "
+                         f"{q['psnr_change']:+.3f} | {q['psnr_vs_fp32_output']:.2f} | {q['seconds']:.0f} "
+                         f"({q['fp32_seconds']:.0f}) |")
     if memory:
         lines += ["", "Decode memory (fp32, one image, fresh process each):", "",
                   "| size | mode | seconds | peak extra GB |", "|---|---|---|---|"]
@@ -199,6 +239,10 @@ def main():
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--max-memory-gb", type=float, default=0,
                         help="ours tiled: activations held in memory before tiles spill to disk (0: 60%% of free)")
+    parser.add_argument("--quality-vae", help="a trained VAE: PSNR change of bf16/fp16 against fp32 on --quality-data")
+    parser.add_argument("--quality-data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kodak"))
+    parser.add_argument("--quality-dtypes", nargs="*", default=["bf16"])
+    parser.add_argument("--quality-images", type=int, default=24)
     parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of repeats per measurement")
     parser.add_argument("--out", default=None, help="results file stem (default eval/results/bench_inference_<device>)")
     args = parser.parse_args()
@@ -219,6 +263,8 @@ def main():
     for extra in args.extra:
         size, batch = map(int, extra.split("x"))
         rows += speed_rows(folder, device, [size], [batch], ["fp32"], False, args.budget_s, args.tiled_from)
+    quality = quality_rows(args.quality_vae, args.quality_data, args.quality_dtypes, device, args.quality_images) \
+        if args.quality_vae else []
     memory = memory_rows(folder, device, args.memory_sizes, args.memory_modes, args.tile_size, args.untiled_up_to,
                          args.max_memory_gb)
 
@@ -226,8 +272,9 @@ def main():
                 command="python " + " ".join(sys.argv))
     out = Path(args.out or Path(__file__).parent / "results" / f"bench_inference_{device}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, speed=rows, memory=memory), indent=2))
-    table = markdown(rows, memory, meta)
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, speed=rows, memory=memory, quality=quality),
+                                                   indent=2))
+    table = markdown(rows, memory, meta, quality)
     out.with_suffix(".md").write_text(table)
     print(table)
 

@@ -7,13 +7,12 @@ from the neighbours, and every GroupNorm is applied with statistics accumulated 
 was being written. The result equals the untiled forward pass up to float rounding.
 
 Memory: a stage keeps only its input and output grids, frees input tiles after their last reader, and spills tiles
-to memory-mapped files past `max_memory` bytes. The low-resolution middle block (with its global attention) runs
+to a temporary file past `max_memory` bytes. The low-resolution middle block (with its global attention) runs
 whole, as it does untiled: at 1/8 of the image size it is small.
 """
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 
 import torch
@@ -59,8 +58,8 @@ class ChannelStats:
 
 
 class TileGrid:
-    """A (B, C, H, W) activation stored as a grid of tiles (each its own tensor): freed one by one, spilled to disk
-    past a budget."""
+    """A (B, C, H, W) activation stored as a grid of tiles (each its own tensor, or a SpilledTile): freed one by one,
+    spilled to disk past a budget."""
 
     def __init__(self, shape, tile: int, dtype, device, memory: "MemoryBudget", stats: bool = True):
         self.b, self.c, self.h, self.w = shape
@@ -91,14 +90,8 @@ class TileGrid:
             self.stats.update(tensor)
         self.tiles[index] = self.memory.store(tensor)
 
-    def adopt(self, index, stored: torch.Tensor):
-        """Take a tensor already stored (and counted) by the memory budget as a tile."""
-        if self.stats is not None:
-            self.stats.update(stored)
-        self.tiles[index] = stored
-
     def get(self, index) -> torch.Tensor:
-        return self.tiles[index].to(self.device)
+        return self.memory.load(self.tiles[index]).to(self.device)
 
     def release(self, index):
         self.memory.release(self.tiles.pop(index))
@@ -134,16 +127,25 @@ class TileGrid:
             self.release(index)
 
 
+class SpilledTile:
+    """A tile written to the budget's spill file (read back in full when used): its pages are the kernel's page
+    cache, not the process's memory, so a decode larger than RAM still runs."""
+
+    def __init__(self, offset: int, shape, dtype, device):
+        self.offset, self.shape, self.dtype, self.device = offset, tuple(shape), dtype, device
+        self.nbytes = math.prod(self.shape) * torch.tensor([], dtype=dtype).element_size()
+
+
 class MemoryBudget:
-    """Counts the bytes of live tiles; past `limit` new tiles go to memory-mapped files (unlinked at once, so the
-    disk space returns when the tile is freed, and nothing is left behind by a killed process)."""
+    """Counts the bytes of live tiles; past `limit`, new tiles go to one temporary file (unlinked from the start,
+    so nothing is left behind by a killed process), whose freed slots are reused by tiles of the same size."""
 
     def __init__(self, limit: int | None, progress=None):
         self.limit, self.used, self.peak, self.spilled = limit, 0, 0, 0
         self.progress = progress  # a tqdm bar advanced once per tile computed, or None
-        self.folder, self.mapped, self._scratch = None, set(), None
+        self.file, self.end, self.free_slots, self._scratch = None, 0, {}, None
 
-    def store(self, tensor: torch.Tensor) -> torch.Tensor:
+    def store(self, tensor: torch.Tensor):
         if self.progress is not None:
             self.progress.update(1)
         size = tensor.numel() * tensor.element_size()
@@ -152,14 +154,22 @@ class MemoryBudget:
             self.peak = max(self.peak, self.used)
             return tensor
         self.spilled += size
-        self.folder = self.folder or tempfile.mkdtemp(prefix="sdvae-tiles-")
-        fd, path = tempfile.mkstemp(dir=self.folder)
-        os.close(fd)
-        mapped = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
-        os.unlink(path)
-        mapped.copy_(tensor)
-        self.mapped.add(mapped.untyped_storage().data_ptr())
-        return mapped
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="sdvae-tiles-")
+        slots = self.free_slots.get(size)
+        offset = slots.pop() if slots else self.end
+        self.end = max(self.end, offset + size)
+        self.file.seek(offset)
+        self.file.write(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        return SpilledTile(offset, tensor.shape, tensor.dtype, tensor.device)
+
+    def load(self, tile):
+        if not isinstance(tile, SpilledTile):
+            return tile
+        data = bytearray(tile.nbytes)
+        self.file.seek(tile.offset)
+        self.file.readinto(data)
+        return torch.frombuffer(data, dtype=torch.uint8).view(tile.dtype).view(tile.shape).to(tile.device)
 
     def workspace(self, shape, dtype, device, channels_last: bool) -> torch.Tensor:
         """A scratch tensor of `shape`, reusing one buffer across calls (fresh allocations of this size cost page
@@ -172,18 +182,17 @@ class MemoryBudget:
         b, c, h, w = shape
         return flat.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else flat.view(shape)
 
-    def release(self, tensor: torch.Tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in self.mapped:
-            self.mapped.discard(pointer)
+    def release(self, tile):
+        if isinstance(tile, SpilledTile):
+            self.free_slots.setdefault(tile.nbytes, []).append(tile.offset)
         else:
-            self.used -= tensor.numel() * tensor.element_size()
+            self.used -= tile.numel() * tile.element_size()
 
     def close(self):
         if self.progress is not None:
             self.progress.close()
-        if self.folder:
-            os.rmdir(self.folder)
+        if self.file is not None:
+            self.file.close()
 
 
 def normalise(stats: ChannelStats, norm: torch.nn.GroupNorm, act):
@@ -275,10 +284,12 @@ def resnet_stage(block, x: TileGrid) -> TileGrid:
                 x.release(done)
     pre2 = normalise(h.stats, block.norm2, block.nonlinearity)
     for index, box in out.boxes():
-        y = shortcut.pop(index).add_(conv_region(h, block.conv2, box, pre2).to(h.device))
+        stored = shortcut.pop(index)
+        y = x.memory.load(stored).add_(conv_region(h, block.conv2, box, pre2))
+        x.memory.release(stored)  # y, the same tensor where it was in memory, is counted again by put()
         if block.output_scale_factor != 1:
             y.div_(block.output_scale_factor)
-        out.adopt(index, y)
+        out.put(index, y)
     h.free()
     return out
 
