@@ -88,6 +88,35 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--seed", type=int, default=0, help="seeds the random crops")
     cache.set_defaults(run=run_cache)
 
+    ev = commands.add_parser(
+        "eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) of one or more VAEs side by side",
+        description="Score VAEs on the same images with the protocol of the published tables (sd-vae-ft-mse's "
+                    "model card): shorter side resized to --resolution, centre crop, posterior mode, decode, clamp, "
+                    "8 bits. Writes metrics.json, per_image.csv, table.md, grid.png and psnr.png to --out.")
+    ev.add_argument("--vae", action="append", required=True, metavar="[NAME=]PATH",
+                    help="run folder, diffusers folder or single file; repeat to compare (NAME labels it)")
+    ev.add_argument("--data", required=True, help="image folder (searched recursively)")
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--resolution", type=int, default=256, help="shorter side and centre crop (default 256)")
+    ev.add_argument("--full-size", action="store_true",
+                    help="images as they are (padded to a multiple of 8, cropped back): Kodak and similar sets")
+    ev.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mode")
+    ev.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (--sample)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ev.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="VAE precision")
+    ev.add_argument("--max-images", type=int, default=None, help="the first N readable images (sorted by path)")
+    ev.add_argument("--lpips-weights", action="append", metavar="FOLDER_OR_FILE",
+                    help="vgg16-397923af.pth / alexnet-owt-7be5be79.pth, or a folder holding them "
+                         "(default: the torch hub cache); repeatable")
+    ev.add_argument("--fid-weights", metavar="FOLDER_OR_FILE",
+                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its folder (default: torch hub cache)")
+    ev.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    ev.add_argument("--no-fid", action="store_true", help="skip rFID")
+    ev.add_argument("--no-download", action="store_true", help="never download missing metric weights")
+    ev.add_argument("--grid-images", type=int, default=3, help="images in grid.png (default 3, spread over the set)")
+    ev.set_defaults(run=run_eval)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
@@ -220,6 +249,26 @@ def run_cache(args) -> int:
     print(f"{report['cached']} images cached in {args.out}: {report['encoded']} encoded "
           f"({report['images_per_sec']} images/s), {report['reused']} reused, {report['skipped']} unreadable skipped "
           f"(listed in {args.out}/report.json)")
+    return 0
+
+
+def run_eval(args) -> int:
+    from .evaluate import evaluate, markdown_table, parse_vae_specs
+    from .export import DTYPES
+
+    for flag in ("batch_size", "resolution", "max_images"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    result = evaluate(parse_vae_specs(args.vae), args.data, args.out, resolution=args.resolution,
+                      full_size=args.full_size, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
+                      device=args.device, dtype=DTYPES[args.dtype], max_images=args.max_images,
+                      lpips_weights=args.lpips_weights, fid_weights=args.fid_weights, use_lpips=not args.no_lpips,
+                      use_fid=not args.no_fid, download=not args.no_download, grid_images=args.grid_images)
+    print(markdown_table(result))
+    for item in result["skipped_files"][:20]:
+        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    print(f"written to {args.out}: metrics.json, per_image.csv, table.md, grid.png, psnr.png")
     return 0
 
 

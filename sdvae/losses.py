@@ -13,16 +13,51 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+# torchvision's ImageNet weights that lpips cuts its trunks from (its own linear layers ship in the wheel)
+LPIPS_TRUNKS = {"vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+                "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"}
+VGG16_URL = LPIPS_TRUNKS["vgg"]
+TRUNK_NAMES = {"vgg": "VGG16", "alex": "AlexNet"}
 
 
 class MissingWeightsError(RuntimeError):
     pass
 
 
+def hub_cache_path(url: str) -> Path:
+    """Where torch hub (torchvision, lpips, pytorch-fid) keeps the file downloaded from `url`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
 def vgg16_cache_path() -> Path:
     """Where torchvision (and so lpips) keeps the VGG16 ImageNet weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG16_URL).name
+    return hub_cache_path(VGG16_URL)
+
+
+def weights_file(url: str, path: str | Path | None = None, download: bool = True, what: str = "",
+                 hint: str = "") -> Path:
+    """The file `url` names: at `path` (a file, or a folder holding it), else in the torch hub cache, else
+    downloaded there. MissingWeightsError names the file and every place it was looked for."""
+    name = Path(url).name
+    if path is not None:
+        path = Path(path)
+        path = path / name if path.is_dir() else path
+        if not path.is_file():
+            raise MissingWeightsError(f"{what} not found: {path}")
+        return path
+    path = hub_cache_path(url)
+    if path.is_file():
+        return path
+    why = "downloads are off"
+    if download:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), progress=True)
+            return path
+        except Exception as e:  # no network, proxy, disk: all end the same way for the user
+            why = f"download failed: {e}"
+    raise MissingWeightsError(f"{what}: '{name}' is not in the torch hub cache ({path}) and could not be fetched "
+                              f"({why}). Download {url} to that path{hint}.")
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -32,52 +67,44 @@ def _read_state_dict(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_vgg16_features(path: str | Path | None = None, download: bool = True) -> dict:
-    """The `features.*` tensors of torchvision's ImageNet VGG16, from `path` or the torch hub cache."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MissingWeightsError(f"VGG16 weights for LPIPS not found: {path}")
-    else:
-        path = vgg16_cache_path()
-        if not path.is_file():
-            if not download:
-                raise MissingWeightsError(_missing_message(path, "downloads are off"))
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(VGG16_URL, str(path), progress=True)
-            except Exception as e:  # no network, proxy, disk: all end the same way for the user
-                raise MissingWeightsError(_missing_message(path, f"download failed: {e}")) from None
-    state = _read_state_dict(path)
-    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+TRAIN_HINT = ", or set lpips_vgg_weights=/path/to/{name}, or set perceptual_weight=0"
+
+
+def load_trunk_features(net: str = "vgg", path: str | Path | None = None, download: bool = True,
+                        hint: str = TRAIN_HINT) -> dict:
+    """The `features.*` tensors of torchvision's ImageNet VGG16 or AlexNet, from `path` or the torch hub cache."""
+    url = LPIPS_TRUNKS[net]
+    what = f"{TRUNK_NAMES[net]} ImageNet weights for LPIPS"
+    path = weights_file(url, path, download, what, hint.format(name=Path(url).name))
+    features = {k[len("features."):]: v for k, v in _read_state_dict(path).items() if k.startswith("features.")}
     if not features:
-        raise MissingWeightsError(f"{path} holds no VGG16 'features.*' weights")
+        raise MissingWeightsError(f"{path} holds no {TRUNK_NAMES[net]} 'features.*' weights")
     return features
 
 
-def _missing_message(path: Path, why: str) -> str:
-    return (f"LPIPS needs the VGG16 ImageNet weights '{path.name}', which are not in the torch hub cache "
-            f"({path}) and could not be fetched ({why}). Download {VGG16_URL} to that path, "
-            f"or set lpips_vgg_weights=/path/to/{path.name}, or set perceptual_weight=0.")
+def load_vgg16_features(path: str | Path | None = None, download: bool = True) -> dict:
+    return load_trunk_features("vgg", path, download)
 
 
-def build_lpips(vgg_weights: str | Path | None = None, download: bool = True, pretrained_trunk: bool = True):
-    """LPIPS-VGG, frozen and in eval mode; gradients still flow through it to its inputs.
+def build_lpips(vgg_weights: str | Path | None = None, download: bool = True, pretrained_trunk: bool = True,
+                net: str = "vgg", hint: str = TRAIN_HINT):
+    """LPIPS (VGG by default, or `net="alex"`), frozen and in eval mode; gradients still flow through it to
+    its inputs. `vgg_weights`: the trunk's weights file (for `net="alex"`, AlexNet's).
 
-    The linear calibration layers ship inside the lpips package; only the VGG trunk needs a download.
+    The linear calibration layers ship inside the lpips package; only the trunk needs a download.
     `pretrained_trunk=False` keeps a random trunk (tests, offline smoke runs).
     """
     import lpips
 
-    model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
     if pretrained_trunk:
-        features = load_vgg16_features(vgg_weights, download)
-        # lpips cuts vgg16.features into slices but keeps each layer's index as its name
+        features = load_trunk_features(net, vgg_weights, download, hint)
+        # lpips cuts the torchvision `features` into slices but keeps each layer's index as its name
         trunk = {}
         for name in model.net.state_dict():
             index = name.split(".", 1)[1]  # "slice1.0.weight" -> "0.weight"
             if index not in features:
-                raise MissingWeightsError(f"VGG16 weights lack 'features.{index}'")
+                raise MissingWeightsError(f"{TRUNK_NAMES[net]} weights lack 'features.{index}'")
             trunk[name] = features[index]
         model.net.load_state_dict(trunk)
     return model.eval().requires_grad_(False)

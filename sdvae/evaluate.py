@@ -1,0 +1,406 @@
+"""`sdvae eval`: reconstruction metrics of several VAEs on the same images, with the published protocol.
+
+Protocol (sd-vae-ft-mse's model card: COCO 2017 val at 256x256): the shorter side is resized to the resolution
+(bicubic), the centre square cropped and stored as 8 bits; each VAE encodes it with its posterior mode (or a
+sample), decodes, and the output is clamped and quantised to 8 bits before it is compared with the 8-bit input.
+`full_size=True` keeps the images as they are (Kodak and similar sets): the codec reflect-pads them to a
+multiple of 8 and crops the decoded image back.
+
+Every VAE sees every batch in turn, so the images are read once, the real-image Inception features are
+computed once, and only the images shown in the grid are kept in memory.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from .data import list_images, open_image
+from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
+from .metrics import build_fid_inception, fid_from_features, inception_features, psnr_batch, ssim_batch, summarise
+
+PER_IMAGE = ("psnr", "ssim", "lpips_vgg", "lpips_alex")
+LABELS = {"rfid": "rFID", "psnr": "PSNR", "ssim": "SSIM", "lpips_vgg": "LPIPS-VGG", "lpips_alex": "LPIPS-Alex"}
+FEWER_IS_BETTER = {"rfid", "lpips_vgg", "lpips_alex"}
+LPIPS_HINT = ", or pass --lpips-weights FOLDER_OR_FILE, or --no-lpips"
+FID_HINT = ", or pass --fid-weights FOLDER_OR_FILE, or --no-fid"
+
+
+def parse_vae_specs(specs: list[str]) -> dict[str, str]:
+    """["NAME=PATH" or "PATH", ...] -> {name: path}; a bare path is named after its file or folder."""
+    vaes = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():  # a path that itself contains "=" stays a path
+            name, path = Path(spec.rstrip("/")).stem or spec, spec
+        if name in vaes:
+            raise ValueError(f"two VAEs are called '{name}'; label them with --vae NAME=PATH")
+        vaes[name] = path
+    if not vaes:
+        raise ValueError("no VAE given (--vae PATH or --vae NAME=PATH)")
+    return vaes
+
+
+def centre_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side resized to `resolution` (bicubic, antialiased), then the centre square."""
+    scale = resolution / min(image.size)
+    if scale != 1:
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def batches(files: list[Path], root: Path, resolution: int, full_size: bool, batch_size: int,
+            max_images: int | None, skipped: list):
+    """Yield (names, uint8 (B, H, W, 3)) batches of one size; unreadable files go to `skipped`, not the run."""
+    pending: dict[tuple, list] = {}  # full size: one queue per image size, since a batch holds one size
+    count = 0
+    for path in files:
+        if max_images is not None and count >= max_images:
+            break
+        try:
+            image = open_image(path)
+        except Exception as e:
+            skipped.append({"path": str(path), "reason": f"{type(e).__name__}: {e}"})
+            continue
+        image = image if full_size else centre_crop(image, resolution)
+        array = np.asarray(image)
+        if min(array.shape[:2]) < 11:
+            skipped.append({"path": str(path), "reason": f"{image.width}x{image.height}: SSIM needs 11x11 pixels"})
+            continue
+        count += 1
+        queue = pending.setdefault(array.shape, [])
+        queue.append((str(path.relative_to(root)), array))
+        if len(queue) == batch_size:
+            yield [n for n, _ in queue], np.stack([a for _, a in queue])
+            queue.clear()
+    for queue in pending.values():
+        if queue:
+            yield [n for n, _ in queue], np.stack([a for _, a in queue])
+
+
+def _given_file(paths: list[str], name: str, key: str) -> Path | None:
+    """The first of `paths` that is the file `name` (or names the network `key`) or a folder holding `name`."""
+    for p in map(Path, paths):
+        if p.is_dir() and (p / name).is_file():
+            return p / name
+        if p.is_file() and (p.name == name or key in p.name.lower()):
+            return p
+    return None
+
+
+def load_scorers(lpips_weights: list[str] | None, fid_weights: str | None, use_lpips: bool, use_fid: bool,
+                 download: bool, device) -> tuple[dict, object, dict]:
+    """({'lpips_vgg': model, 'lpips_alex': model}, inception model or None, {metric: why it is skipped})."""
+    lpips_models, skipped, inception = {}, {}, None
+    for net in ("vgg", "alex"):
+        metric = f"lpips_{net}"
+        if not use_lpips:
+            skipped[metric] = "turned off (--no-lpips)"
+            continue
+        name = Path(LPIPS_TRUNKS[net]).name
+        given = _given_file(lpips_weights or [], name, net)
+        try:
+            lpips_models[metric] = build_lpips(given, download, net=net, hint=LPIPS_HINT).to(device)
+        except MissingWeightsError as e:
+            searched = f"not among --lpips-weights {', '.join(lpips_weights)}; " if lpips_weights else ""
+            skipped[metric] = searched + str(e)
+    if not use_fid:
+        skipped["rfid"] = "turned off (--no-fid)"
+    else:
+        try:
+            inception = build_fid_inception(fid_weights, download, FID_HINT).to(device)
+        except MissingWeightsError as e:
+            skipped["rfid"] = str(e)
+    return lpips_models, inception, skipped
+
+
+def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, full_size: bool = False,
+             sample: bool = False, seed: int = 0, batch_size: int = 8, device: str | None = None,
+             dtype: torch.dtype = torch.float32, max_images: int | None = None, lpips_weights: list[str] | None = None,
+             fid_weights: str | None = None, use_lpips: bool = True, use_fid: bool = True, download: bool = True,
+             grid_images: int = 3) -> dict:
+    """Score every VAE on the same images and write metrics.json, per_image.csv, table.md, grid.png and
+    psnr.png to `out`. Returns what metrics.json holds."""
+    from .codec import load_vae
+
+    root = Path(data)
+    files = list_images(root)  # FileNotFoundError / ValueError("no images ...") before any model loads
+    if not full_size and resolution % 8:
+        raise ValueError(f"--resolution must be a multiple of 8, got {resolution}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    codecs = {}
+    for name, path in vaes.items():
+        try:
+            codecs[name] = load_vae(path, device, dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"--vae {name}: {e}") from None
+    lpips_models, inception, skipped_metrics = load_scorers(lpips_weights, fid_weights, use_lpips, use_fid,
+                                                            download, device)
+    metrics = ["psnr", "ssim"] + [m for m in ("lpips_vgg", "lpips_alex") if m in lpips_models]
+
+    expected = len(files) if max_images is None else min(len(files), max_images)
+    shown = {}  # grid slot -> first image in its stretch of the set: spread over the set, unreadable files or not
+    names, sizes = [], []
+    values = {v: {m: [] for m in metrics} for v in vaes}
+    features = {"input": [], **{v: [] for v in vaes}}
+    seconds = dict.fromkeys(vaes, 0.0)
+    generators = {v: torch.Generator().manual_seed(seed) for v in vaes}  # each VAE draws the same noise
+    skipped_files: list[dict] = []
+    progress = tqdm(total=expected, desc="eval", unit="img")
+    for batch_names, inputs in batches(files, root, resolution, full_size, batch_size, max_images, skipped_files):
+        h, w = inputs.shape[1:3]
+        x = torch.from_numpy(inputs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        real = torch.from_numpy(inputs).permute(0, 3, 1, 2).to(device)
+        if inception is not None:
+            features["input"].append(inception_features(inception, real))
+        reconstructions = {}
+        for v, codec in codecs.items():
+            start = time.perf_counter()
+            z = codec.encode(x, scaled=False, sample=sample, generator=generators[v])
+            rec = codec.decode(z, size=(w, h), scaled=False, output_type="np")  # clamped, 8-bit
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[v] += time.perf_counter() - start
+            fake = torch.from_numpy(rec).permute(0, 3, 1, 2).to(device)
+            values[v]["psnr"] += psnr_batch(real, fake).tolist()
+            values[v]["ssim"] += ssim_batch(real, fake).tolist()
+            for metric, model in lpips_models.items():
+                with torch.no_grad():  # LPIPS takes [-1, 1]
+                    d = model(fake.float() / 127.5 - 1, real.float() / 127.5 - 1)
+                values[v][metric] += d.flatten().tolist()
+            if inception is not None:
+                features[v].append(inception_features(inception, fake))
+            reconstructions[v] = rec
+        for i, n in enumerate(batch_names):
+            slot = (len(names) + i) * grid_images // expected
+            if grid_images and slot not in shown:
+                shown[slot] = (n, inputs[i], {v: reconstructions[v][i] for v in vaes})
+        names += batch_names
+        sizes += [(w, h)] * len(batch_names)
+        progress.update(len(batch_names))
+    progress.close()
+    if not names:
+        raise ValueError(f"none of the {len(files)} files in {data} could be read as an image "
+                         f"(first: {skipped_files[0]['path']}: {skipped_files[0]['reason']})")
+
+    summary = {}
+    for v in vaes:
+        summary[v] = {**summarise(values[v]), "path": str(vaes[v]),
+                      "images_per_sec": round(len(names) / seconds[v], 3) if seconds[v] else None}
+    notes = []
+    if inception is not None:
+        if len(names) < 2:
+            skipped_metrics["rfid"] = f"rFID needs at least 2 images, got {len(names)}"
+        else:
+            real = np.concatenate(features["input"])
+            for v in vaes:
+                summary[v]["rfid"] = fid_from_features(real, np.concatenate(features[v]))
+            if len(names) < 2048:
+                notes.append(f"rFID from {len(names)} images is statistically weak: with fewer images than the 2048 "
+                             f"Inception feature dimensions the covariances are singular, and the value is biased "
+                             f"upwards by a set-size-dependent amount. Compare rFIDs only on the same images; the "
+                             f"published figures use 5000 (COCO 2017 val).")
+    paired = [paired_difference(values[a][m], values[b][m], a, b, m)
+              for i, a in enumerate(vaes) for b in list(vaes)[i + 1:] for m in metrics]
+
+    protocol = {
+        "images": ("full size, reflect-padded to a multiple of 8 and cropped back" if full_size else
+                   f"shorter side resized to {resolution} (bicubic), centre crop {resolution}x{resolution}"),
+        "latent": f"posterior sample (seed {seed})" if sample else "posterior mode",
+        "output": "decoded, clamped to [-1, 1], quantised to 8 bits, compared with the 8-bit input",
+        "resolution": None if full_size else resolution, "full_size": full_size, "sample": sample, "seed": seed,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "ssim": "Gaussian window 11, sigma 1.5, on [0, 1], per channel then averaged",
+        "psnr": "8-bit, peak 255", "lpips": "lpips package v0.1, VGG and AlexNet trunks, inputs in [-1, 1]",
+        "rfid": "pytorch-fid InceptionV3 pool3 (2048-d) features of the inputs vs the reconstructions",
+    }
+    result = {"data": str(data), "images": len(names), "protocol": protocol, "vaes": summary,
+              "skipped_metrics": skipped_metrics, "paired": paired, "notes": notes,
+              "skipped_files": skipped_files}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_per_image(out / "per_image.csv", names, sizes, values)
+    (out / "table.md").write_text(markdown_table(result))
+    if shown:  # (name, input, {vae: reconstruction}) for each image in the grid
+        comparison_figure(list(shown.values()), list(vaes), values, names).save(out / "grid.png", optimize=True)
+    psnr_plot(values, result).savefig(out / "psnr.png", dpi=100)
+    return result
+
+
+def paired_difference(a: list[float], b: list[float], name_a: str, name_b: str, metric: str) -> dict:
+    """Mean of the per-image differences b - a, with a 95% t confidence interval (the images are the pairs)."""
+    from scipy import stats
+
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    d = d[np.isfinite(d)]  # PSNR is inf where a VAE reproduces an image exactly
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {"a": name_a, "b": name_b, "metric": metric, "mean_difference": mean, "ci95": [mean - half, mean + half],
+            "images": n}
+
+
+def write_per_image(path: Path, names, sizes, values):
+    metrics = list(next(iter(values.values())))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "width", "height", "vae"] + metrics)
+        for i, (name, (w, h)) in enumerate(zip(names, sizes)):
+            for v in values:
+                writer.writerow([name, w, h, v] + [f"{values[v][m][i]:.6g}" for m in metrics])
+
+
+def _pm(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    """One row per VAE, as the sd-vae-ft-mse model card (rFID, then mean ± std of the per-image metrics)."""
+    p = result["protocol"]
+    lines = [f"Reconstruction on `{result['data']}`: {result['images']} images; {p['images']}; {p['latent']}; "
+             f"{p['output']}.", "",
+             "| VAE | " + " | ".join(LABELS.values()) + " |", "|---|" + "---:|" * len(LABELS)]
+    for v, s in result["vaes"].items():
+        cells = []
+        for m in LABELS:
+            if m in result["skipped_metrics"]:
+                cells.append("skipped")
+            elif m == "rfid":
+                cells.append(f"{s['rfid']:.2f}")
+            else:
+                cells.append(_pm(s[f"{m}_mean"], s[f"{m}_std"], 2 if m == "psnr" else 4))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "PSNR in dB (higher is better), SSIM higher is better; LPIPS and rFID lower is better. "
+                  "Mean ± standard deviation over the images."]
+    if result["paired"]:
+        lines += ["", "Paired comparison (per-image difference B − A, mean and 95% confidence interval):", "",
+                  "| A | B | metric | mean B − A | 95% CI | better |", "|---|---|---|---:|---|---|"]
+        for d in result["paired"]:
+            lo, hi = d["ci95"]
+            better = "—"
+            if lo > 0 or hi < 0:  # the interval excludes 0
+                b_higher = lo > 0
+                better = d["b"] if b_higher != (d["metric"] in FEWER_IS_BETTER) else d["a"]
+            digits = 3 if d["metric"] == "psnr" else 4
+            lines.append(f"| {d['a']} | {d['b']} | {LABELS[d['metric']]} | {d['mean_difference']:+.{digits}f} | "
+                         f"[{lo:+.{digits}f}, {hi:+.{digits}f}] | {better} |")
+    if result["skipped_metrics"]:
+        lines += ["", "Skipped metrics:"]
+        lines += [f"- {LABELS[m]}: {why}" for m, why in result["skipped_metrics"].items()]
+    if result["notes"]:
+        lines += ["", *[f"Note: {n}" for n in result["notes"]]]
+    if result["skipped_files"]:
+        lines += ["", f"{len(result['skipped_files'])} unreadable files skipped (listed in metrics.json)."]
+    lines += ["", "VAEs: " + "; ".join(f"{v} = `{s['path']}`" for v, s in result["vaes"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# --- pictures -----------------------------------------------------------------------------------------------
+
+TILE = 384  # longest side of a tile in the grid: larger images are shown scaled down, their crops at 4x
+
+
+def _font(size: int = 13):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: bitmap font, fixed size
+        return ImageFont.load_default()
+
+
+def detail_box(image: np.ndarray, width: int, height: int) -> tuple[int, int]:
+    """Top-left corner of the width x height window with the most edges: where reconstructions differ most."""
+    g = image.astype(np.float64).mean(-1)
+    edges = np.abs(np.diff(g, axis=0))[:, :-1] + np.abs(np.diff(g, axis=1))[:-1, :]
+    s = np.pad(edges.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    height, width = min(height, edges.shape[0]), min(width, edges.shape[1])
+    windows = s[height:, width:] - s[:-height, width:] - s[height:, :-width] + s[:-height, :-width]
+    y, x = np.unravel_index(np.argmax(windows), windows.shape)
+    return int(x), int(y)
+
+
+def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int = 4) -> Image.Image:
+    """Per image three rows: input | each VAE; the same detailed crop zoomed `zoom`x (nearest); the per-pixel
+    error |reconstruction - input| (mean over channels, 8-bit levels) as a heat map, one scale per image."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["inferno"]
+    font, label = _font(), 18
+    w0, h0 = max(g[1].shape[1] for g in grid), max(g[1].shape[0] for g in grid)
+    scale = min(1.0, TILE / max(h0, w0))
+    tw, th = round(w0 * scale), round(h0 * scale)  # one tile size that holds every image shown
+    columns = 1 + len(vaes)
+    rows = []
+    for name, image, recs in grid:
+        ih, iw = image.shape[:2]
+        s = min(1.0, tw / iw, th / ih)  # never enlarged: the crops show the pixels
+        size = (max(1, round(iw * s)), max(1, round(ih * s)))
+        cw, ch = min(iw, tw // zoom), min(ih, th // zoom)
+        x0, y0 = detail_box(image, cw, ch)
+        errors = {v: np.abs(r.astype(np.float32) - image.astype(np.float32)).mean(-1) for v, r in recs.items()}
+        vmax = max(1.0, float(np.percentile(np.stack(list(errors.values())), 99)))
+        i = names.index(name)
+        block = Image.new("RGB", (columns * tw, 3 * (th + label)), "white")
+        draw = ImageDraw.Draw(block)
+
+        def put(col, row, picture, text):
+            block.paste(picture, (col * tw, row * (th + label) + label))
+            draw.text((col * tw + 3, row * (th + label) + 2), text, fill="black", font=font)
+
+        def full(a):
+            return Image.fromarray(a).resize(size, Image.Resampling.LANCZOS) if s != 1 else Image.fromarray(a)
+
+        def crop(a):
+            return Image.fromarray(a[y0:y0 + ch, x0:x0 + cw]).resize((cw * zoom, ch * zoom), Image.Resampling.NEAREST)
+
+        def heat(e):
+            e = Image.fromarray(e).resize(size, Image.Resampling.BOX) if s != 1 else Image.fromarray(e)
+            return Image.fromarray((cmap(np.clip(np.asarray(e) / vmax, 0, 1))[..., :3] * 255).astype(np.uint8))
+
+        shown = full(image)
+        ImageDraw.Draw(shown).rectangle([x0 * s, y0 * s, (x0 + cw) * s - 1, (y0 + ch) * s - 1], outline=(0, 255, 0))
+        put(0, 0, shown, f"{Path(name).name}" + (f" (shown at {s:.2g}x)" if s != 1 else ""))
+        put(0, 1, crop(image), f"input, crop at {zoom}x")
+        bar = np.linspace(0, 1, tw)[None, :].repeat(max(1, th // 6), 0)
+        put(0, 2, Image.fromarray((cmap(bar)[..., :3] * 255).astype(np.uint8)), f"|error| 0 .. {vmax:.0f} levels")
+        for c, v in enumerate(vaes, start=1):
+            put(c, 0, full(recs[v]), f"{v}: {values[v]['psnr'][i]:.2f} dB, SSIM {values[v]['ssim'][i]:.3f}")
+            put(c, 1, crop(recs[v]), f"{v}, crop at {zoom}x")
+            put(c, 2, heat(errors[v]), f"{v}: |error|")
+        rows.append(block)
+    figure = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+    for k, r in enumerate(rows):
+        figure.paste(r, (0, k * r.height))
+    return figure
+
+
+def psnr_plot(values, result):
+    """Per-image PSNR per VAE: violin, box and the images as points."""
+    from matplotlib.figure import Figure
+
+    vaes = list(values)
+    data = [np.asarray(values[v]["psnr"])[np.isfinite(values[v]["psnr"])] for v in vaes]
+    fig = Figure(figsize=(1.6 + 1.4 * len(vaes), 4.2))
+    ax = fig.add_subplot()
+    if all(len(d) > 1 for d in data):
+        ax.violinplot(data, showextrema=False)
+    ax.boxplot(data, widths=0.15, showfliers=False)
+    rng = np.random.default_rng(0)
+    for k, d in enumerate(data, start=1):
+        ax.scatter(k + rng.uniform(-0.08, 0.08, len(d)), d, s=8, alpha=0.6, color="black", zorder=3)
+    ax.set_xticks(range(1, len(vaes) + 1), vaes)
+    ax.set_ylabel("PSNR (dB)")
+    size = "full size" if result["protocol"]["full_size"] else f"{result['protocol']['resolution']} px"
+    ax.set_title(f"{Path(result['data']).name}: {result['images']} images, {size}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
