@@ -26,7 +26,6 @@ from .data import list_images, open_image
 from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
 from .metrics import build_fid_inception, fid_from_features, inception_features, psnr_batch, ssim_batch, summarise
 
-PER_IMAGE = ("psnr", "ssim", "lpips_vgg", "lpips_alex")
 LABELS = {"rfid": "rFID", "psnr": "PSNR", "ssim": "SSIM", "lpips_vgg": "LPIPS-VGG", "lpips_alex": "LPIPS-Alex"}
 FEWER_IS_BETTER = {"rfid", "lpips_vgg", "lpips_alex"}
 LPIPS_HINT = ", or pass --lpips-weights FOLDER_OR_FILE, or --no-lpips"
@@ -80,11 +79,18 @@ def batches(files: list[Path], root: Path, resolution: int, full_size: bool, bat
         queue = pending.setdefault(array.shape, [])
         queue.append((str(path.relative_to(root)), array))
         if len(queue) == batch_size:
-            yield [n for n, _ in queue], np.stack([a for _, a in queue])
-            queue.clear()
+            yield _flush(queue)
+        elif sum(map(len, pending.values())) > 4 * batch_size:  # many sizes: never hold much of the set
+            yield _flush(max(pending.values(), key=len))
     for queue in pending.values():
         if queue:
-            yield [n for n, _ in queue], np.stack([a for _, a in queue])
+            yield _flush(queue)
+
+
+def _flush(queue: list) -> tuple[list[str], np.ndarray]:
+    names, arrays = [n for n, _ in queue], np.stack([a for _, a in queue])
+    queue.clear()
+    return names, arrays
 
 
 def _given_file(paths: list[str], name: str, key: str) -> Path | None:
@@ -212,17 +218,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     paired = [paired_difference(values[a][m], values[b][m], a, b, m)
               for i, a in enumerate(vaes) for b in list(vaes)[i + 1:] for m in metrics]
 
-    protocol = {
-        "images": ("full size, reflect-padded to a multiple of 8 and cropped back" if full_size else
-                   f"shorter side resized to {resolution} (bicubic), centre crop {resolution}x{resolution}"),
-        "latent": f"posterior sample (seed {seed})" if sample else "posterior mode",
-        "output": "decoded, clamped to [-1, 1], quantised to 8 bits, compared with the 8-bit input",
-        "resolution": None if full_size else resolution, "full_size": full_size, "sample": sample, "seed": seed,
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-        "ssim": "Gaussian window 11, sigma 1.5, on [0, 1], per channel then averaged",
-        "psnr": "8-bit, peak 255", "lpips": "lpips package v0.1, VGG and AlexNet trunks, inputs in [-1, 1]",
-        "rfid": "pytorch-fid InceptionV3 pool3 (2048-d) features of the inputs vs the reconstructions",
-    }
+    protocol = describe_protocol(resolution, full_size, sample, seed, dtype, device)
     result = {"data": str(data), "images": len(names), "protocol": protocol, "vaes": summary,
               "skipped_metrics": skipped_metrics, "paired": paired, "notes": notes,
               "skipped_files": skipped_files}
@@ -235,6 +231,20 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
         comparison_figure(list(shown.values()), list(vaes), values, names).save(out / "grid.png", optimize=True)
     psnr_plot(values, result).savefig(out / "psnr.png", dpi=100)
     return result
+
+
+def describe_protocol(resolution, full_size, sample, seed, dtype, device) -> dict:
+    return {
+        "images": ("full size, reflect-padded to a multiple of 8 and cropped back" if full_size else
+                   f"shorter side resized to {resolution} (bicubic), centre crop {resolution}x{resolution}"),
+        "latent": f"posterior sample (seed {seed})" if sample else "posterior mode",
+        "output": "decoded, clamped to [-1, 1], quantised to 8 bits, compared with the 8-bit input",
+        "resolution": None if full_size else resolution, "full_size": full_size, "sample": sample, "seed": seed,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "psnr": "8-bit, peak 255", "ssim": "Gaussian window 11, sigma 1.5, on [0, 1], per channel then averaged",
+        "lpips": "lpips package v0.1, VGG and AlexNet trunks, inputs in [-1, 1]",
+        "rfid": "pytorch-fid InceptionV3 pool3 (2048-d) features of the inputs vs the reconstructions",
+    }
 
 
 def paired_difference(a: list[float], b: list[float], name_a: str, name_b: str, metric: str) -> dict:
@@ -307,7 +317,8 @@ def markdown_table(result: dict) -> str:
 
 # --- pictures -----------------------------------------------------------------------------------------------
 
-TILE = 384  # longest side of a tile in the grid: larger images are shown scaled down, their crops at 4x
+TILE = 320  # longest side of a tile in the grid: larger images are shown scaled down, their crops at 4x
+GAP = 4  # white pixels between tiles
 
 
 def _font(size: int = 13):
@@ -349,12 +360,12 @@ def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int
         errors = {v: np.abs(r.astype(np.float32) - image.astype(np.float32)).mean(-1) for v, r in recs.items()}
         vmax = max(1.0, float(np.percentile(np.stack(list(errors.values())), 99)))
         i = names.index(name)
-        block = Image.new("RGB", (columns * tw, 3 * (th + label)), "white")
+        block = Image.new("RGB", (columns * (tw + GAP) - GAP, 3 * (th + label) + GAP), "white")
         draw = ImageDraw.Draw(block)
 
         def put(col, row, picture, text):
-            block.paste(picture, (col * tw, row * (th + label) + label))
-            draw.text((col * tw + 3, row * (th + label) + 2), text, fill="black", font=font)
+            block.paste(picture, (col * (tw + GAP), row * (th + label) + label))
+            draw.text((col * (tw + GAP) + 3, row * (th + label) + 2), text, fill="black", font=font)
 
         def full(a):
             return Image.fromarray(a).resize(size, Image.Resampling.LANCZOS) if s != 1 else Image.fromarray(a)
@@ -400,7 +411,7 @@ def psnr_plot(values, result):
     ax.set_xticks(range(1, len(vaes) + 1), vaes)
     ax.set_ylabel("PSNR (dB)")
     size = "full size" if result["protocol"]["full_size"] else f"{result['protocol']['resolution']} px"
-    ax.set_title(f"{Path(result['data']).name}: {result['images']} images, {size}", fontsize=10)
+    ax.set_title(f"{'/'.join(Path(result['data']).parts[-2:])}: {result['images']} images, {size}", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -8,6 +8,7 @@ expression by 3*H*W, so the logged numbers are per-pixel means, while `kl_weight
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,9 +97,11 @@ def build_lpips(vgg_weights: str | Path | None = None, download: bool = True, pr
     """
     import lpips
 
-    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
-    if pretrained_trunk:
-        features = load_trunk_features(net, vgg_weights, download, hint)
+    features = load_trunk_features(net, vgg_weights, download, hint) if pretrained_trunk else None
+    with warnings.catch_warnings():  # lpips builds its trunk with torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    if features is not None:
         # lpips cuts the torchvision `features` into slices but keeps each layer's index as its name
         trunk = {}
         for name in model.net.state_dict():

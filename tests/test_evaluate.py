@@ -15,7 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sdvae.cli import main
 from sdvae.data import open_image
 from sdvae.demo import load_photo
-from sdvae.evaluate import load_scorers, paired_difference, parse_vae_specs
+from sdvae.evaluate import batches, load_scorers, paired_difference, parse_vae_specs
 from sdvae.metrics import (FID_WEIGHTS_URL, feature_statistics, fid_from_features, frechet_distance, psnr_batch,
                            ssim_batch)
 from sdvae.models import build_vae
@@ -56,6 +56,7 @@ def test_psnr_ssim_match_scikit_image_on_benchmark_sets():
     check_against_skimage([np.asarray(open_image(f)) for f in files if f.is_file()])
 
 
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # inside pytorch-fid
 def test_frechet_distance_matches_a_direct_scipy_computation():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(200, 24)) @ rng.normal(size=(24, 24))
@@ -156,6 +157,24 @@ def mixed_folder(tmp_path):
     return folder
 
 
+def test_full_size_batches_hold_one_size_and_not_the_whole_set(tmp_path):
+    photo = Image.fromarray(load_photo("coffee"))
+    for k in range(12):  # 12 sizes: no size ever fills a batch of 2
+        photo.resize((16 + k, 20)).save(tmp_path / f"{k:02d}.png")
+    read = []
+
+    def files():
+        for path in sorted(tmp_path.glob("*.png")):
+            read.append(path)
+            yield path
+
+    out = batches(files(), tmp_path, 0, True, 2, None, [])
+    names, arrays = next(out)
+    assert len(read) <= 9 and arrays.shape == (1, 20, 16, 3)  # flushed after 4 batches' worth, not at the end
+    names += [n for more, _ in out for n in more]
+    assert sorted(names) == [f"{k:02d}.png" for k in range(12)]
+
+
 def test_eval_compares_vaes_on_mixed_images(vaes, weights, mixed_folder, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["eval", "--vae", f"a={vaes / 'vae0'}", "--vae", f"b={vaes / 'vae1'}", "--vae", f"a-again={vaes / 'vae0'}",
@@ -190,7 +209,7 @@ def test_eval_compares_vaes_on_mixed_images(vaes, weights, mixed_folder, tmp_pat
     assert "| a |" in table and "| b |" in table and "LPIPS-Alex" in table and "rFID: turned off" in table
     grid, plot = Image.open(out / "grid.png"), Image.open(out / "psnr.png")
     # 3 images (spread over the 5) x 3 rows (full | crop | error), tiles fit the largest: 72 wide, 80 high
-    assert grid.size == (4 * 72, 3 * 3 * (80 + 18)) and plot.width > 200
+    assert grid.size == (4 * 72 + 3 * 4, 3 * (3 * (80 + 18) + 4)) and plot.width > 200
     assert "| a |" in capsys.readouterr().out
 
 
