@@ -11,18 +11,22 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # whole SD checkpoints / some trainers
 DROPPED_PREFIXES = ("loss.", "model_ema.")  # LDM's discriminator/LPIPS and EMA buffers travel in the same file
 SDXL_MARKER = "conditioner.embedders.1."  # SDXL's second text encoder: its VAE latents scale by 0.13025
-CONFIG_KEYS = ("scaling_factor", "shift_factor", "force_upcast")  # what shapes cannot tell
 
 
 def file_config(path: str | Path, state: dict) -> dict:
-    """Config values a file carries besides its shapes: our export's metadata, or SDXL's scaling factor."""
+    """Config values a file carries besides its shapes (norm groups, scaling factor, ...): our export's whole
+    architecture, or SDXL's scaling factor."""
     if Path(path).suffix == ".safetensors":
+        import inspect
+
+        from diffusers import AutoencoderKL
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             architecture = (f.metadata() or {}).get("sdvae.architecture")
-        if architecture:
-            return {k: v for k, v in json.loads(architecture).items() if k in CONFIG_KEYS}
+        if architecture:  # keys of other diffusers versions are dropped, not passed on
+            accepted = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
+            return {k: v for k, v in json.loads(architecture).items() if k in accepted}
     if any(k.startswith(SDXL_MARKER) for k in state):
         return {"scaling_factor": 0.13025}
     return {}
@@ -75,10 +79,13 @@ def config_from_state(state: dict, scaling_factor: float = 0.18215) -> dict:
         up_block_types=["UpDecoderBlock2D"] * len(levels),
         block_out_channels=channels,
         layers_per_block=len(layers),
-        latent_channels=state["post_quant_conv.weight"].shape[0],
-        norm_num_groups=32,
+        latent_channels=state["decoder.conv_in.weight"].shape[1],
+        norm_num_groups=32,  # SD's; shapes cannot tell, so our exports carry theirs in the metadata
         act_fn="silu",
         scaling_factor=scaling_factor,
+        use_quant_conv="quant_conv.weight" in state,
+        use_post_quant_conv="post_quant_conv.weight" in state,
+        mid_block_add_attention=any(k.startswith(("encoder.mid.attn_1.", "encoder.mid_block.attentions.")) for k in state),
     )
 
 

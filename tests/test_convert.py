@@ -90,8 +90,27 @@ def test_single_files_keep_the_factors_shapes_cannot_tell(tmp_path):
     save_single_file(vae, tmp_path / "ours.safetensors")
     back = load_single_file(tmp_path / "ours.safetensors")
     assert back.config.scaling_factor == 0.4321 and back.config.shift_factor == 0.05
+    assert vae.config.norm_num_groups == 8 and back.config.norm_num_groups == 8  # SD's 32 would load, wrongly
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).sample, vae(x).sample, rtol=0, atol=0)
 
     ldm = {f"first_stage_model.{k}": v.contiguous() for k, v in diffusers_to_ldm(build_vae("tiny").state_dict()).items()}
     ldm["conditioner.embedders.1.model.text_projection"] = torch.zeros(2, 2)  # an SDXL checkpoint
     save_file(ldm, str(tmp_path / "sdxl.safetensors"))
     assert load_single_file(tmp_path / "sdxl.safetensors").config.scaling_factor == 0.13025
+
+
+def test_what_the_shapes_tell_is_read_from_a_bare_file(tmp_path):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from sdvae.convert import load_single_file
+
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=8, layers_per_block=1,
+                        mid_block_add_attention=False, use_quant_conv=False)
+    save_file({k: v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}, str(tmp_path / "bare.safetensors"))
+    back = load_single_file(tmp_path / "bare.safetensors")  # no metadata: all from the shapes
+    assert not back.config.mid_block_add_attention and not back.config.use_quant_conv
+    assert back.config.use_post_quant_conv and back.config.latent_channels == 8

@@ -265,3 +265,22 @@ def test_clear_errors(vaes, photos, tmp_path, capsys):
         parse_vae_specs(["m=a", "m=b"])
     assert parse_vae_specs(["runs/demo/", "ft=some/file.safetensors"]) == {"demo": "runs/demo/",
                                                                           "ft": "some/file.safetensors"}
+
+
+def test_a_vae_as_a_diffusers_folder_a_single_file_or_a_run_folder_scores_the_same(vaes, photos, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from sdvae.export import save_single_file
+
+    vae = AutoencoderKL.from_pretrained(vaes / "vae1")
+    single = save_single_file(vae, tmp_path / "vae1.safetensors")
+    run = tmp_path / "run"
+    vae.save_pretrained(run / "vae")  # a training run folder keeps its export in vae/
+    out = tmp_path / "out"
+    assert main(["eval", "--vae", f"folder={vaes / 'vae1'}", "--vae", str(single), "--vae", str(run),
+                 "--vae", f"other={vaes / 'vae0'}", "--data", str(photos), "--out", str(out),
+                 "--resolution", "48", "--no-lpips", "--no-fid", "--grid-images", "0"]) == 0
+    scores = {name: (v["psnr_mean"], v["ssim_mean"]) for name, v in json.loads((out / "metrics.json").read_text())["vaes"].items()}
+    assert set(scores) == {"folder", "vae1", "run", "other"}
+    assert scores["vae1"] == pytest.approx(scores["folder"], abs=1e-6) and scores["run"] == scores["folder"]
+    assert scores["other"] != scores["folder"]
