@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                     "8 bits. Writes metrics.json, per_image.csv, table.md, grid.png and psnr.png to --out.")
     ev.add_argument("--vae", action="append", required=True, metavar="[NAME=]PATH",
                     help="run folder, diffusers folder or single file; repeat to compare (NAME labels it)")
-    ev.add_argument("--data", required=True, help="image folder (searched recursively)")
+    ev.add_argument("--data", required=True,
+                    help="image folder (searched recursively), or a `datasets` dataset: save_to_disk folder, "
+                         "parquet folder or hub name")
+    ev.add_argument("--split", default="validation", help="dataset split (datasets only; default validation)")
+    ev.add_argument("--image-column", default="image", help="dataset column holding the images (default image)")
     ev.add_argument("--out", required=True, help="output folder")
     ev.add_argument("--resolution", type=int, default=256, help="shorter side and centre crop (default 256)")
     ev.add_argument("--full-size", action="store_true",
@@ -264,7 +268,8 @@ def run_eval(args) -> int:
                       full_size=args.full_size, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
                       device=args.device, dtype=DTYPES[args.dtype], max_images=args.max_images,
                       lpips_weights=args.lpips_weights, fid_weights=args.fid_weights, use_lpips=not args.no_lpips,
-                      use_fid=not args.no_fid, download=not args.no_download, grid_images=args.grid_images)
+                      use_fid=not args.no_fid, download=not args.no_download, grid_images=args.grid_images,
+                      split=args.split, image_column=args.image_column)
     print(markdown_table(result))
     for item in result["skipped_files"][:20]:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)

@@ -205,11 +205,16 @@ def build_dataset(data: str, resolution: int, image_column: str = "image", split
         if path.is_dir() and any((path / m).exists() for m in SAVED_DATASET_MARKERS):
             dataset = datasets.load_from_disk(str(path))
             if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise ValueError(f"{data} has no split '{split}'; it has {', '.join(dataset)}")
                 dataset = dataset[split]
         else:
             dataset = datasets.load_dataset(data, split=split, streaming=streaming)
     except FileNotFoundError:
         raise FileNotFoundError(f"data not found: '{data}' is neither an image folder nor a loadable dataset") from None
+    except ConnectionError as e:  # a hub name with no network and nothing in the HF cache
+        raise FileNotFoundError(f"data not found: '{data}' is not a local folder, and the Hugging Face hub could "
+                                f"not be reached for it ({e})") from None
     if streaming and not isinstance(dataset, datasets.IterableDataset):
         dataset = dataset.to_iterable_dataset()
     if isinstance(dataset, datasets.IterableDataset):

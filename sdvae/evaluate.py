@@ -57,27 +57,44 @@ def centre_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def batches(files: list[Path], root: Path, resolution: int, full_size: bool, batch_size: int,
-            max_images: int | None, skipped: list):
-    """Yield (names, uint8 (B, H, W, 3)) batches of one size; unreadable files go to `skipped`, not the run."""
+def image_sources(data: str, split: str = "validation", image_column: str = "image"):
+    """(number of images, iterator of (name, source)) for an image folder (names relative to it) or a `datasets`
+    dataset: a `save_to_disk` folder, a folder of parquet files, or a hub name. Sources are read lazily."""
+    from .data import HFImageDataset, _looks_like_hf_dataset, build_dataset
+
+    root = Path(data)
+    if root.is_dir() and not _looks_like_hf_dataset(root) or not root.exists() and "/" not in data.strip("/"):
+        files = list_images(root)  # FileNotFoundError / ValueError("no images ...") before any model loads
+        return len(files), ((str(f.relative_to(root)), f) for f in files)
+    dataset = build_dataset(data, 8, image_column, split, random_flip=False, random_crop=False)
+    if not isinstance(dataset, HFImageDataset):
+        raise ValueError(f"{data}: expected an image folder or a `datasets` dataset")
+    return len(dataset), ((dataset.name(i), dataset.source(i)) for i in range(len(dataset)))
+
+
+def batches(sources, resolution: int, full_size: bool, batch_size: int, max_images: int | None, skipped: list):
+    """Yield (names, uint8 (B, H, W, 3)) batches of one size from (name, source) pairs; unreadable images go to
+    `skipped`, not the run."""
     pending: dict[tuple, list] = {}  # full size: one queue per image size, since a batch holds one size
     count = 0
-    for path in files:
+    for name, source in sources:
         if max_images is not None and count >= max_images:
             break
         try:
-            image = open_image(path)
-        except Exception as e:
-            skipped.append({"path": str(path), "reason": f"{type(e).__name__}: {e}"})
+            image = open_image(source)
+        except Exception as e:  # a file is reported by its whole path, a dataset row by column[index]
+            skipped.append({"path": str(source) if isinstance(source, Path) else name,
+                            "reason": f"{type(e).__name__}: {e}"})
             continue
         image = image if full_size else centre_crop(image, resolution)
         array = np.asarray(image)
         if min(array.shape[:2]) < 11:
-            skipped.append({"path": str(path), "reason": f"{image.width}x{image.height}: SSIM needs 11x11 pixels"})
+            skipped.append({"path": str(source) if isinstance(source, Path) else name,
+                            "reason": f"{image.width}x{image.height}: SSIM needs 11x11 pixels"})
             continue
         count += 1
         queue = pending.setdefault(array.shape, [])
-        queue.append((str(path.relative_to(root)), array))
+        queue.append((name, array))
         if len(queue) == batch_size:
             yield _flush(queue)
         elif sum(map(len, pending.values())) > 4 * batch_size:  # many sizes: never hold much of the set
@@ -133,13 +150,12 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
              sample: bool = False, seed: int = 0, batch_size: int = 8, device: str | None = None,
              dtype: torch.dtype = torch.float32, max_images: int | None = None, lpips_weights: list[str] | None = None,
              fid_weights: str | None = None, use_lpips: bool = True, use_fid: bool = True, download: bool = True,
-             grid_images: int = 3) -> dict:
+             grid_images: int = 3, split: str = "validation", image_column: str = "image") -> dict:
     """Score every VAE on the same images and write metrics.json, per_image.csv, table.md, grid.png and
     psnr.png to `out`. Returns what metrics.json holds."""
     from .codec import load_vae
 
-    root = Path(data)
-    files = list_images(root)  # FileNotFoundError / ValueError("no images ...") before any model loads
+    total, sources = image_sources(data, split, image_column)
     if not full_size and resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {resolution}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -153,7 +169,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
                                                             download, device)
     metrics = ["psnr", "ssim"] + [m for m in ("lpips_vgg", "lpips_alex") if m in lpips_models]
 
-    expected = len(files) if max_images is None else min(len(files), max_images)
+    expected = total if max_images is None else min(total, max_images)
     shown = {}  # grid slot -> first image in its stretch of the set: spread over the set, unreadable files or not
     names, sizes = [], []
     values = {v: {m: [] for m in metrics} for v in vaes}
@@ -162,7 +178,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     generators = {v: torch.Generator().manual_seed(seed) for v in vaes}  # each VAE draws the same noise
     skipped_files: list[dict] = []
     progress = tqdm(total=expected, desc="eval", unit="img")
-    for batch_names, inputs in batches(files, root, resolution, full_size, batch_size, max_images, skipped_files):
+    for batch_names, inputs in batches(sources, resolution, full_size, batch_size, max_images, skipped_files):
         h, w = inputs.shape[1:3]
         x = torch.from_numpy(inputs).permute(0, 3, 1, 2).float() / 127.5 - 1
         real = torch.from_numpy(inputs).permute(0, 3, 1, 2).to(device)
@@ -195,7 +211,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
         progress.update(len(batch_names))
     progress.close()
     if not names:
-        raise ValueError(f"none of the {len(files)} files in {data} could be read as an image "
+        raise ValueError(f"none of the {total} files in {data} could be read as an image "
                          f"(first: {skipped_files[0]['path']}: {skipped_files[0]['reason']})")
 
     summary = {}

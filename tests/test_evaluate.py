@@ -166,9 +166,9 @@ def test_full_size_batches_hold_one_size_and_not_the_whole_set(tmp_path):
     def files():
         for path in sorted(tmp_path.glob("*.png")):
             read.append(path)
-            yield path
+            yield path.name, path
 
-    out = batches(files(), tmp_path, 0, True, 2, None, [])
+    out = batches(files(), 0, True, 2, None, [])
     names, arrays = next(out)
     assert len(read) <= 9 and arrays.shape == (1, 20, 16, 3)  # flushed after 4 batches' worth, not at the end
     names += [n for more, _ in out for n in more]
@@ -284,3 +284,23 @@ def test_a_vae_as_a_diffusers_folder_a_single_file_or_a_run_folder_scores_the_sa
     assert set(scores) == {"folder", "vae1", "run", "other"}
     assert scores["vae1"] == pytest.approx(scores["folder"], abs=1e-6) and scores["run"] == scores["folder"]
     assert scores["other"] != scores["folder"]
+
+
+def test_a_datasets_dataset_scores_as_the_same_images_in_a_folder(vaes, mixed_folder, tmp_path):
+    import datasets
+
+    files = sorted(p for p in mixed_folder.rglob("*.*") if p.name != "broken.png")
+    rows = {"image": [str(p) for p in files] + [str(mixed_folder / "broken.png")], "label": list(range(len(files) + 1))}
+    dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    datasets.DatasetDict({"validation": dataset}).save_to_disk(str(tmp_path / "saved"))
+    base = ["--vae", str(vaes / "vae0"), "--resolution", "40", "--no-lpips", "--no-fid", "--grid-images", "2"]
+    assert main(["eval", "--data", str(mixed_folder), "--out", str(tmp_path / "a")] + base) == 0
+    assert main(["eval", "--data", str(tmp_path / "saved"), "--out", str(tmp_path / "b")] + base) == 0
+    a, b = (json.loads((tmp_path / o / "metrics.json").read_text()) for o in "ab")
+    assert a["images"] == b["images"] == len(files) and len(b["skipped_files"]) == 1  # the broken one, counted
+    assert b["skipped_files"][0]["path"] == f"image[{len(files)}]"
+    assert b["vaes"]["vae0"]["psnr_mean"] == pytest.approx(a["vaes"]["vae0"]["psnr_mean"], abs=1e-9)
+    assert (tmp_path / "b" / "grid.png").is_file()
+    assert main(["eval", "--data", str(tmp_path / "saved"), "--split", "train", "--out", str(tmp_path / "c")] + base) == 2
+    assert main(["eval", "--data", str(tmp_path / "saved"), "--image-column", "picture",
+                 "--out", str(tmp_path / "c")] + base) == 2
