@@ -10,25 +10,42 @@ import torch
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # whole SD checkpoints / some trainers
 DROPPED_PREFIXES = ("loss.", "model_ema.")  # LDM's discriminator/LPIPS and EMA buffers travel in the same file
-SDXL_MARKER = "conditioner.embedders.1."  # SDXL's second text encoder: its VAE latents scale by 0.13025
+# Whole checkpoints tell their model family by their other keys; its VAE's factors follow (as diffusers reads them).
+FAMILY_FACTORS = [
+    (("conditioner.embedders.1.model.", "conditioner.embedders.0.model."),  # SDXL base, refiner
+     dict(scaling_factor=0.13025, sample_size=1024)),
+    (("model.diffusion_model.joint_blocks.",), dict(scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024)),  # SD3
+    (("model.diffusion_model.double_blocks.",), dict(scaling_factor=0.3611, shift_factor=0.1159, sample_size=1024)),  # FLUX.1
+]
 
 
 def file_config(path: str | Path, state: dict) -> dict:
     """Config values a file carries besides its shapes (norm groups, scaling factor, ...): our export's whole
-    architecture, or SDXL's scaling factor."""
-    if Path(path).suffix == ".safetensors":
-        import inspect
+    architecture, the config.json beside a diffusers weights file, or the factors of a whole checkpoint's family."""
+    import inspect
 
-        from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL
+
+    accepted = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}  # other versions' keys dropped
+    if Path(path).suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
             architecture = (f.metadata() or {}).get("sdvae.architecture")
-        if architecture:  # keys of other diffusers versions are dropped, not passed on
-            accepted = set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"}
+        if architecture:
             return {k: v for k, v in json.loads(architecture).items() if k in accepted}
-    if any(k.startswith(SDXL_MARKER) for k in state):
-        return {"scaling_factor": 0.13025}
+    beside = Path(path).parent / "config.json"
+    bare_diffusers = "encoder.conv_in.weight" in state and not is_ldm_layout(state)
+    if bare_diffusers and beside.is_file():  # a diffusers folder's weights file, given on its own
+        config = json.loads(beside.read_text())
+        if config.get("_class_name") == "AutoencoderKL":
+            return {k: v for k, v in config.items() if k in accepted}
+    if "edm_mean" in state and "edm_std" in state:  # Playground v2.5: (z - mean) * 0.5 / std, per channel
+        return dict(scaling_factor=0.5, sample_size=1024, latents_mean=state["edm_mean"].flatten().tolist(),
+                    latents_std=state["edm_std"].flatten().tolist())
+    for markers, factors in FAMILY_FACTORS:
+        if any(k.startswith(markers) for k in state):
+            return factors
     return {}
 
 
@@ -83,6 +100,7 @@ def config_from_state(state: dict, scaling_factor: float = 0.18215) -> dict:
         norm_num_groups=32,  # SD's; shapes cannot tell, so our exports carry theirs in the metadata
         act_fn="silu",
         scaling_factor=scaling_factor,
+        sample_size=512,  # diffusers' enable_tiling() tiles at this size; its default of 32 would mean tiny tiles
         use_quant_conv="quant_conv.weight" in state,
         use_post_quant_conv="post_quant_conv.weight" in state,
         mid_block_add_attention=any(k.startswith(("encoder.mid.attn_1.", "encoder.mid_block.attentions.")) for k in state),
@@ -98,7 +116,14 @@ def load_single_file(path: str | Path, return_layout: bool = False):
     if "encoder.conv_in.weight" not in state:
         raise ValueError(f"{path} holds no VAE weights (no encoder.conv_in.weight)")
     layout = "ldm" if is_ldm_layout(state) else "diffusers"
-    config = {**config_from_state(state), **file_config(path, whole)}
+    found = file_config(path, whole)
+    config = {**config_from_state(state), **found}
+    if config["latent_channels"] != 4 and "scaling_factor" not in found:  # SD3's and FLUX.1's VAEs share one shape
+        import warnings
+
+        warnings.warn(f"{path}: {config['latent_channels']} latent channels and no scaling factor in the file; "
+                      "SD's 0.18215 is a placeholder (SD3: 1.5305, shift 0.0609; FLUX.1: 0.3611, shift 0.1159). "
+                      "Measure it with `sdvae stats --write --shift` or set it in config.json.")
     state = ldm_to_diffusers(state) if layout == "ldm" else modernise_diffusers_keys(state)
     vae = AutoencoderKL(**config)
     load_strict(vae, state, path)

@@ -56,10 +56,12 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
+    if fp16 is not None:  # what the check measured, as in save_diffusers; loaders read it from the architecture
+        architecture["force_upcast"] = fp16["force_upcast"]
     metadata = {
         "format": "pt",
-        "sdvae.architecture": json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items()
-                                          if not k.startswith("_")}),
+        "sdvae.architecture": json.dumps(architecture),
         "sdvae.scaling_factor": str(vae.config.scaling_factor),
         "sdvae.source": str(source),
         "sdvae.dtype": dtype,
