@@ -138,7 +138,9 @@ def _check(cfg: TrainConfig) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
-    for key in ("resolution", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every"):
+    # log_every / sample_every divide the step count: 0 would crash the run after its first step
+    for key in ("resolution", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every",
+                "log_every", "sample_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {getattr(cfg, key)}")
     if cfg.resolution % 8:
@@ -147,7 +149,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("train_decoder_only needs init_from: the VAE whose encoder stays frozen")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    for key in ("perceptual_weight", "kl_weight", "learning_rate", "disc_weight", "disc_start"):
+    for key in ("perceptual_weight", "kl_weight", "learning_rate", "disc_weight", "disc_start", "lr_warmup_steps"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must not be negative")
 

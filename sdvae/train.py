@@ -65,7 +65,8 @@ def train(cfg: TrainConfig) -> dict:
     vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
     if cfg.train_decoder_only:  # the sd-vae-ft-mse recipe: latents of the source VAE stay valid
         vae.encoder.requires_grad_(False)
-        vae.quant_conv.requires_grad_(False)
+        if vae.quant_conv is not None:  # SD3 / FLUX VAEs have none
+            vae.quant_conv.requires_grad_(False)
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     module = VAETrainingForward(vae.train(), cfg.learn_logvar, cfg.logvar_init)
@@ -75,8 +76,13 @@ def train(cfg: TrainConfig) -> dict:
     base_lr = cfg.learning_rate
     if cfg.scale_lr:  # LDM: base LR x processes x batch x accumulation
         base_lr *= accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
+
+    def lr_at(step: int) -> float:  # linear warm-up, then constant (a pure function of the step, so resume is exact)
+        return base_lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else base_lr
+
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(params, lr=base_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    # lr_at(0), not base_lr: the first step is the first of the warm-up
+    optimizer = optimizer_class(params, lr=lr_at(0), betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     vae = accelerator.unwrap_model(model).vae
@@ -93,9 +99,6 @@ def train(cfg: TrainConfig) -> dict:
         ema.to(accelerator.device)
     # LDM's clamp of the adaptive weight, moved to our loss scale (ours is LDM's / 3*H*W)
     max_adaptive_weight = 1e4 / (3 * cfg.resolution**2)
-
-    def lr_at(step: int) -> float:  # linear warm-up, then constant (a pure function of the step, so resume is exact)
-        return base_lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else base_lr
 
     step, epoch, batch_in_epoch, skipped = 0, 0, 0, set()  # skipped: names of unreadable files
     nonfinite_in_a_row, nonfinite_steps = 0, 0
@@ -122,6 +125,7 @@ def train(cfg: TrainConfig) -> dict:
         val_batches and main and not cfg.resume) else None  # the baseline the final scores are compared with
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train", unit="step")
     running: dict = {}
+    counts: dict[str, int] = {}  # per key: grad_norm comes once per optimizer step, d_loss only after disc_start
     first_logged: dict[str, float] = {}
     last_logged: dict[str, float] = {}
     start, images_seen, stop = time.time(), 0, False
@@ -153,6 +157,8 @@ def train(cfg: TrainConfig) -> dict:
                     if accelerator.sync_gradients:  # the norm is logged also when clipping is off
                         logs["grad_norm"] = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                     optimizer.step()
+                else:  # drop the window's gradients now: between sync steps optimizer.zero_grad does nothing,
+                    model.zero_grad(set_to_none=True)  # and the NaNs would reach the window's optimizer step
                 optimizer.zero_grad(set_to_none=True)
                 if use_disc and finite:
                     d_loss, d_logs = discriminator_term(disc, x, reconstruction, cfg.disc_loss)
@@ -174,7 +180,7 @@ def train(cfg: TrainConfig) -> dict:
             window_images += x.shape[0] * accelerator.num_processes
             for k, v in logs.items():  # summed on the device: no host sync until a log line is written
                 running[k] = running.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-            running["n"] = running.get("n", 0) + 1
+                counts[k] = counts.get(k, 0) + 1
             if not accelerator.sync_gradients:
                 continue
 
@@ -187,8 +193,7 @@ def train(cfg: TrainConfig) -> dict:
             stop = step >= cfg.max_steps or out_of_time(accelerator, elapsed, cfg.max_minutes)
             progress.update(1)
             if step % cfg.log_every == 0 or stop:
-                n = running.pop("n")
-                means = {k: float(v) / n for k, v in running.items()}
+                means = {k: float(v) / counts[k] for k, v in running.items()}
                 now = time.time()
                 means.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=window_images / (now - window_start),
                              skipped_files=len(skipped), nonfinite_steps=nonfinite_steps, epoch=epoch)
@@ -196,7 +201,7 @@ def train(cfg: TrainConfig) -> dict:
                     means["ema_decay"] = ema.cur_decay_value
                 accelerator.log({f"train/{k}": v for k, v in means.items()}, step=step)
                 progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
-                running, last_logged = {}, means
+                running, counts, last_logged = {}, {}, means
                 window_start, window_images = now, 0
                 first_logged = first_logged or means
             if preview is not None and main and (step % cfg.sample_every == 0 or stop):

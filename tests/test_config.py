@@ -28,6 +28,7 @@ def test_yaml_no_means_no_mixed_precision(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ("rec_loss=l3", "rec_loss"), ("batch_size=two", "batch_size"), ("resolution=100", "multiple of 8"),
     ("mixed_precision=fp8", "mixed_precision"), ("batch_size=1.5", "batch_size"),
+    ("log_every=0", "log_every"), ("sample_every=0", "sample_every"), ("lr_warmup_steps=-10", "lr_warmup_steps"),
 ])
 def test_bad_values_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):

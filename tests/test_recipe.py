@@ -193,3 +193,30 @@ def test_non_finite_losses_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_
     assert state["step"] == 3
     weights = load_file(tmp_path / "run" / "checkpoint-3" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_decoder_only_fine_tune_of_a_vae_without_quant_convs(tmp_path, photos):
+    """SD3 / FLUX VAEs have no quant_conv (use_quant_conv=False): freezing the encoder must not need one."""
+    from diffusers import AutoencoderKL
+
+    from sdvae.models import preset_config
+
+    torch.manual_seed(0)
+    source = AutoencoderKL(**preset_config("tiny"), use_quant_conv=False, use_post_quant_conv=False)
+    source.save_pretrained(tmp_path / "flux-like")
+    metrics = train(config(tmp_path, photos, init_from=str(tmp_path / "flux-like"), train_decoder_only=True,
+                           max_steps=1, checkpoint_every=100))
+    assert metrics["steps"] == 1
+    exported = load_file(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors")
+    before = source.state_dict()
+    assert all(torch.equal(exported[k], before[k]) for k in before if k.startswith("encoder."))
+
+
+def test_a_non_finite_micro_batch_does_not_poison_its_accumulated_step(tmp_path, photos, monkeypatch):
+    """With accumulation, a NaN micro-batch's gradients must not stay in .grad for the window's optimizer step."""
+    monkeypatch.setattr("sdvae.train.AutoencoderLoss", FlakyLoss)
+    FlakyLoss.calls, FlakyLoss.nan_from, FlakyLoss.nan_until = 0, 1, 2  # the first micro-batch of the first window
+    metrics = train(config(tmp_path, photos, max_steps=3, gradient_accumulation_steps=2, checkpoint_every=100))
+    assert metrics["steps"] == 3 and metrics["nonfinite_steps"] == 1
+    weights = load_file(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

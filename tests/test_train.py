@@ -121,3 +121,24 @@ def test_bf16_mixed_precision_keeps_fp32_master_weights(tmp_path, photos):
     weights = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_warmup_starts_at_its_first_rate(tmp_path, photos, monkeypatch):
+    """Step s (from 0) trains at learning_rate * (s + 1) / lr_warmup_steps: the first step too, not at full rate."""
+    rates, adam_step = [], torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    train(config(tmp_path, photos, max_steps=4, lr_warmup_steps=4, learning_rate=1e-3, checkpoint_every=100))
+    assert rates == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+
+
+def test_logged_means_count_only_the_steps_that_have_the_value(tmp_path, photos, monkeypatch):
+    """grad_norm exists once per optimizer step, not per accumulated micro-batch: its logged mean is not diluted."""
+    monkeypatch.setattr("accelerate.Accelerator.clip_grad_norm_", lambda self, params, max_norm: torch.tensor(3.0))
+    metrics = train(config(tmp_path, photos, max_steps=2, gradient_accumulation_steps=2, log_every=1,
+                           checkpoint_every=100))
+    assert metrics["first_logged"]["grad_norm"] == metrics["last_logged"]["grad_norm"] == 3.0
