@@ -108,8 +108,14 @@ def train(cfg: TrainConfig) -> dict:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         skipped, nonfinite_steps = set(state["skipped"]), state["nonfinite_steps"]
-        if ema is not None:
+        if ema is not None and "ema" in state:
             load_ema(ema, checkpoint, state["ema"], accelerator.device)
+        elif ema is not None:  # EMA turned on at resume: average from the resumed weights, not from the init
+            ema = EMAModel(vae_trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
+            ema.to(accelerator.device)
+            accelerator.print(f"{checkpoint} has no EMA weights: the EMA starts from its weights")
+        if main:
+            set_aside_later_checkpoints(out, step, accelerator.print)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
     if main:
@@ -353,6 +359,17 @@ def find_checkpoint(out: Path, resume: str) -> Path:
     if not done:
         raise FileNotFoundError(f"--resume latest: no checkpoint in {out}")
     return done[-1]
+
+
+def set_aside_later_checkpoints(out: Path, step: int, say) -> None:
+    """Resuming from an earlier step starts a new timeline: the later checkpoints of the old one are renamed, not
+    deleted, so that pruning cannot remove the new ones in their favour nor `resume=latest` pick them."""
+    for later in completed_checkpoints(out):
+        if int(later.name.split("-")[1]) > step:
+            aside = later.with_name(f"superseded-{later.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(later, aside)
+            say(f"{later} is later than the resumed step {step}: moved to {aside}")
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict, ema=None):

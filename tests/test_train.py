@@ -142,3 +142,17 @@ def test_logged_means_count_only_the_steps_that_have_the_value(tmp_path, photos,
     metrics = train(config(tmp_path, photos, max_steps=2, gradient_accumulation_steps=2, log_every=1,
                            checkpoint_every=100))
     assert metrics["first_logged"]["grad_norm"] == metrics["last_logged"]["grad_norm"] == 3.0
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, photos):
+    """With keep=1, pruning used to delete the new checkpoint-6 and keep the old timeline's checkpoint-9;
+    `resume=latest` after a kill would then have gone back to the old timeline."""
+    train(config(tmp_path, photos, max_steps=9, checkpoints_total_limit=0))
+    run = tmp_path / "run"
+    resumed = train(config(tmp_path, photos, max_steps=6, checkpoints_total_limit=1, resume=str(run / "checkpoint-3"),
+                           ema_decay=0.9))  # EMA turned on at resume: the checkpoint has none
+    assert resumed["steps"] == 6
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert sorted(p.name for p in run.glob("superseded-*")) == ["superseded-checkpoint-6", "superseded-checkpoint-9"]
+    assert find_checkpoint(run, "latest") == run / "checkpoint-6"
+    assert (run / "checkpoint-6" / "ema.safetensors").is_file()
