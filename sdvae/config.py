@@ -64,7 +64,7 @@ class TrainConfig:
     disc_weight: float = 0.0
     disc_start: int = 0  # step from which the discriminator trains and enters the generator loss
     disc_loss: str = "hinge"  # hinge | vanilla
-    disc_learning_rate: float | None = None  # default: learning_rate
+    disc_learning_rate: float | None = None  # default: learning_rate; scaled as it by scale_lr
     disc_norm: str = "auto"  # batch | group | auto (batch, synchronised on GPUs; group on CPU with several processes)
     disc_layers: int = 3
     disc_channels: int = 64

@@ -73,9 +73,9 @@ def train(cfg: TrainConfig) -> dict:
     lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
     criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model).to(accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
-    base_lr = cfg.learning_rate
-    if cfg.scale_lr:  # LDM: base LR x processes x batch x accumulation
-        base_lr *= accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
+    # LDM: base LR x processes x batch x accumulation, for the autoencoder and the discriminator alike
+    lr_scale = accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
+    base_lr = cfg.learning_rate * lr_scale
 
     def lr_at(step: int) -> float:  # linear warm-up, then constant (a pure function of the step, so resume is exact)
         return base_lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else base_lr
@@ -90,7 +90,8 @@ def train(cfg: TrainConfig) -> dict:
     disc = disc_optimizer = None
     if cfg.disc_weight > 0:
         disc = build_discriminator(cfg, accelerator)
-        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=cfg.disc_learning_rate or base_lr, betas=(0.5, 0.9))
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=(cfg.disc_learning_rate or cfg.learning_rate) * lr_scale,
+                                          betas=(0.5, 0.9))
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     vae_trained = [p for p in vae.parameters() if p.requires_grad]
     ema = None

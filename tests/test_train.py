@@ -156,3 +156,13 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, phot
     assert sorted(p.name for p in run.glob("superseded-*")) == ["superseded-checkpoint-6", "superseded-checkpoint-9"]
     assert find_checkpoint(run, "latest") == run / "checkpoint-6"
     assert (run / "checkpoint-6" / "ema.safetensors").is_file()
+
+
+def test_scale_lr_scales_the_discriminator_rate_too(tmp_path, photos):
+    """LDM multiplies one base rate for both optimisers; an explicit disc_learning_rate is a base rate as well."""
+    train(config(tmp_path, photos, max_steps=1, batch_size=2, checkpoint_every=1, scale_lr=True, learning_rate=1e-5,
+                 disc_weight=0.5, disc_start=0, disc_learning_rate=3e-5))
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    rates = [torch.load(checkpoint / name, weights_only=True)["param_groups"][0]["lr"]
+             for name in ("optimizer.bin", "optimizer_1.bin")]
+    assert rates == pytest.approx([2e-5, 6e-5])
