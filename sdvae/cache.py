@@ -123,9 +123,18 @@ def file_sha256(path) -> str:
 
 
 def encoder_hash(model) -> str:
-    """sha256 over the weights that make the latents (encoder and quant_conv; sorted names, shapes, bytes).
-    The decoder is left out: a decoder-only fine-tune (ft-EMA, ft-MSE) keeps a cache valid."""
+    """sha256 over what makes the latents: the encoder's and quant_conv's weights (sorted names, shapes, bytes),
+    their GroupNorms' groups and eps and their activations, which no weight shows (the same weights with other
+    norm groups give other latents). The decoder is left out: a decoder-only fine-tune (ft-EMA, ft-MSE) keeps a
+    cache valid."""
     digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        if not name.startswith(("encoder.", "quant_conv")):
+            continue
+        if isinstance(module, torch.nn.GroupNorm):
+            digest.update(f"{name}:GroupNorm({module.num_groups}, eps={module.eps})".encode())
+        elif next(module.children(), None) is None and next(module.parameters(), None) is None:  # SiLU, Mish...
+            digest.update(f"{name}:{type(module).__name__}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):
             tensor = tensor.detach().cpu().contiguous()

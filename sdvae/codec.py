@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,15 @@ class VAECodec:
     def shift_factor(self) -> float:
         return getattr(self.model.config, "shift_factor", None) or 0.0
 
+    def _shift_scale(self, z: torch.Tensor):
+        """(shift, scale) with scaled = (z - shift) * scale: the scalar factors, or per channel where the config
+        has latents_mean/latents_std (Playground v2.5: (z - mean) * scaling_factor / std, as its pipeline does)."""
+        mean, std = (getattr(self.model.config, k, None) for k in ("latents_mean", "latents_std"))
+        if mean is None or std is None:
+            return self.shift_factor, self.scaling_factor
+        channel = lambda v: torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+        return channel(mean), self.scaling_factor / channel(std)
+
     def _tile(self, tiled: bool | None, direction: str, shape) -> bool:
         if tiled is not None:
             return tiled
@@ -81,7 +91,8 @@ class VAECodec:
     def encode(self, images, scaled: bool = True, sample: bool = False, generator: torch.Generator | None = None,
                tiled: bool | None = None, tile_size: int | None = None):
         """Images of one size -> latents (B, C, ceil(H/8), ceil(W/8)); scaled as diffusion models expect
-        ((z - shift) * scale) unless `scaled=False`; the posterior mean unless `sample=True`.
+        ((z - shift) * scale, per channel for latents_mean/latents_std configs) unless `scaled=False`; the
+        posterior mean unless `sample=True`.
         `tiled`: None tiles only when the untiled pass would not fit in memory; True/False force it. Tiling is
         seam-free: it matches the untiled result up to float rounding (sdvae.tiling)."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
@@ -102,7 +113,10 @@ class VAECodec:
             posterior = self.model.encode(x).latent_dist
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         z = z.float()
-        return (z - self.shift_factor) * self.scaling_factor if scaled else z
+        if not scaled:
+            return z
+        shift, scale = self._shift_scale(z)
+        return (z - shift) * scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, size: tuple[int, int] | None = None, tiled: bool | None = None,
@@ -114,7 +128,9 @@ class VAECodec:
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
         z = latents.float()
-        z = z / self.scaling_factor + self.shift_factor if scaled else z
+        if scaled:
+            shift, scale = self._shift_scale(z)
+            z = z / scale + shift
         z = z.to(self.device, self.decode_dtype)
         if self._tile(tiled, "decode", z.shape):
             x = tiled_decode(self.model, z, tile_size or self.tile_size, self.max_memory)
@@ -149,7 +165,8 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     decode_dtype = dtype
     if dtype == torch.float16 and getattr(model.config, "force_upcast", False):
         model.encoder.to(dtype)  # the decoder keeps its fp32 weights
-        model.quant_conv.to(dtype)
+        if model.quant_conv is not None:  # None where use_quant_conv=False (FLUX.1)
+            model.quant_conv.to(dtype)
         decode_dtype = torch.float32
     elif dtype != torch.float32:
         torch.nn.Module.to(model, dtype)  # (diffusers' own .to() warns about an empty fp32 module list)
@@ -162,17 +179,26 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
 
 
 def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True, tiled: bool | None = None) -> tuple[int, list]:
-    """Each image -> OUT/<name>.safetensors holding `latent` and its original size; unreadable files are
-    skipped and returned by name."""
-    files = []
+    """Each image -> OUT/<name>.safetensors holding `latent` and its original size (a folder's subfolders are
+    kept, so that images of the same name do not overwrite each other); unreadable files are skipped and
+    returned by name."""
+    files = []  # (image, its latent file under OUT)
     for item in map(Path, inputs):
-        files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if item.is_dir() else [item]
+        if item.is_dir():
+            files += [(p, p.relative_to(item).with_suffix(".safetensors")) for p in sorted(item.rglob("*"))
+                      if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        else:
+            files.append((item, Path(item.name).with_suffix(".safetensors")))
     if not files:
         raise ValueError(f"no images in {', '.join(map(str, inputs))}")
+    names = Counter(name for _, name in files)
+    clashes = [str(path) for path, name in files if names[name] > 1]
+    if clashes:  # a.png and a.jpg, or two inputs holding the same names: one latent file would overwrite another
+        raise ValueError(f"images that would write the same latent file: {', '.join(clashes)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     skipped, done = [], 0
-    for path in tqdm(files, desc="encode", unit="img"):
+    for path, name in tqdm(files, desc="encode", unit="img"):
         try:
             image = open_image(path)
         except Exception as e:
@@ -180,24 +206,28 @@ def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True, tiled:
             continue
         z = codec.encode(image, scaled=scaled, tiled=tiled)[0].contiguous()
         meta = {"width": str(image.width), "height": str(image.height), "scaled": str(scaled), "source": str(path)}
-        save_file({"latent": z}, str(out / f"{path.stem}.safetensors"), metadata=meta)
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latent": z}, str(out / name), metadata=meta)
         done += 1
     return done, skipped
 
 
 def decode_files(codec: VAECodec, inputs: list, out, tiled: bool | None = None) -> int:
-    """OUT/<name>.png for each latent file written by `encode_files`, at the image's original size."""
-    files = []
+    """OUT/<name>.png for each latent file written by `encode_files` (in the same subfolders), at the image's
+    original size."""
+    files = []  # (latent file, its image under OUT)
     for item in map(Path, inputs):
-        files += sorted(item.glob("*.safetensors")) if item.is_dir() else [item]
+        files += [(p, p.relative_to(item).with_suffix(".png")) for p in sorted(item.rglob("*.safetensors"))] \
+            if item.is_dir() else [(item, Path(item.name).with_suffix(".png"))]
     if not files:
         raise ValueError(f"no .safetensors latents in {', '.join(map(str, inputs))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(files, desc="decode", unit="img"):
+    for path, name in tqdm(files, desc="decode", unit="img"):
         with safe_open(str(path), "pt") as f:
             z, meta = f.get_tensor("latent"), f.metadata() or {}
         size = (int(meta["width"]), int(meta["height"])) if "width" in meta else None
         image = codec.decode(z[None], size=size, tiled=tiled, scaled=meta.get("scaled", "True") == "True")[0]
-        image.save(out / f"{path.stem}.png")
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(out / name)
     return len(files)

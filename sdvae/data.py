@@ -33,7 +33,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode == "F" and a.max() <= 1.0:
             peak = 1.0
         image = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        # palettes, and PNG's colour-keyed transparency (tRNS) on L / RGB: the transparent pixels become alpha
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")

@@ -251,3 +251,19 @@ def test_torch_and_hf_datasets_agree_and_batches_hold_one_bucket(tmp_path, image
     eps = torch.randn(item["mean"].shape, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(z, item["mean"] + item["std"] * eps)
     assert not torch.equal(z, LatentCache.sample(item, torch.Generator().manual_seed(6)))
+
+
+def test_encoder_config_is_part_of_the_key(tmp_path, images, codec, vae_dir):
+    """The same weights with other GroupNorm groups (e.g. a file that lost its norm_num_groups) make other
+    latents: the cache must not serve the old ones."""
+    out = tmp_path / "cache"
+    build_cache(codec, images, out, **FAST)
+    config = dict(codec.model.config, norm_num_groups=4)
+    other = type(codec.model).from_config(config)
+    other.load_state_dict(codec.model.state_dict())
+    regrouped = sdvae.VAECodec(other.eval(), codec.device, codec.dtype)
+    report = build_cache(regrouped, images, out, **FAST)
+    assert report["encoded"] == len(IMAGES)
+    item = by_path(LatentCache(out))["sq-a.png"]
+    mean, _ = direct_posterior(regrouped, images / "sq-a.png", item)
+    torch.testing.assert_close(item["mean"], mean[0], atol=1e-5, rtol=0)

@@ -175,3 +175,50 @@ def test_tiling_is_chosen_when_the_untiled_pass_would_not_fit(codec, monkeypatch
     small = sdvae.VAECodec(codec.model, codec.device, codec.dtype, max_memory=10_000)
     torch.testing.assert_close(small.decode(z, output_type="pt"), codec.decode(z, output_type="pt"), atol=1e-4, rtol=0)
     assert calls
+
+
+def test_per_channel_latents_mean_and_std_are_used(tmp_path):
+    """Playground v2.5-style configs scale per channel: (z - latents_mean) * scaling_factor / latents_std, as its
+    diffusers pipeline and training scripts do; the scalar factors alone give latents on the wrong scale."""
+    torch.manual_seed(0)
+    vae = build_vae("tiny")
+    mean, std = [0.1, -0.2, 0.3, 0.0], [0.5, 1.0, 2.0, 4.0]
+    vae.register_to_config(scaling_factor=0.5, latents_mean=mean, latents_std=std)
+    vae.save_pretrained(tmp_path)
+    codec = sdvae.load_vae(str(tmp_path))
+    image = photo(32, 32)
+    raw = codec.encode(image, scaled=False)
+    view = lambda v: torch.tensor(v).view(1, 4, 1, 1)
+    torch.testing.assert_close(codec.encode(image), (raw - view(mean)) * 0.5 / view(std))
+    direct = codec.model.decode(raw).sample.clamp(-1, 1)  # decode undoes the per-channel scaling
+    torch.testing.assert_close(codec.decode(codec.encode(image), output_type="pt"), direct, atol=1e-5, rtol=0)
+
+
+def test_encode_files_keeps_images_of_the_same_name_apart(tmp_path, codec):
+    from sdvae.codec import decode_files, encode_files
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    photo(40, 32).save(images / "a.png")
+    photo(24, 48).save(images / "sub" / "a.png")  # same name, other folder: not overwritten by the first
+    assert encode_files(codec, [images], tmp_path / "latents") == (2, [])
+    assert decode_files(codec, [tmp_path / "latents"], tmp_path / "out") == 2
+    assert Image.open(tmp_path / "out" / "a.png").size == (40, 32)
+    assert Image.open(tmp_path / "out" / "sub" / "a.png").size == (24, 48)
+    photo(40, 32).save(images / "a.jpg")  # would write a.safetensors too: refused before anything is encoded
+    with pytest.raises(ValueError, match="a.jpg"):
+        encode_files(codec, [images], tmp_path / "clash")
+
+
+def test_fp16_force_upcast_without_quant_convs(tmp_path):
+    """FLUX.1's VAE: use_quant_conv=False (quant_conv is None) and force_upcast=True."""
+    from diffusers import AutoencoderKL
+
+    from sdvae.models import preset_config
+
+    torch.manual_seed(0)
+    AutoencoderKL(**preset_config("tiny"), use_quant_conv=False, use_post_quant_conv=False).save_pretrained(tmp_path)
+    half = sdvae.load_vae(str(tmp_path), dtype=torch.float16)
+    assert half.model.quant_conv is None and half.decode_dtype == torch.float32
+    full = sdvae.load_vae(str(tmp_path))
+    assert (half.encode(photo(32, 32)) - full.encode(photo(32, 32))).abs().max() < 0.05

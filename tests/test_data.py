@@ -108,3 +108,16 @@ def test_hugging_face_dataset_from_disk(tmp_path):
         build_dataset(str(tmp_path / "ds"), 32, image_column="image")
     streamed = build_dataset(str(tmp_path / "ds"), 32, image_column="img", streaming=True)
     assert [item["pixel_values"].shape for item in streamed] == [(3, 32, 32)] * 2
+
+
+def test_colour_keyed_transparency_is_composited_on_white(tmp_path):
+    """PNG's tRNS on greyscale / RGB images (no alpha channel): the keyed colour is transparent, as with RGBA."""
+    photo = np.array(real_photo((16, 8)))
+    photo[:4] = (10, 20, 30)
+    Image.fromarray(photo).save(tmp_path / "keyed.png", transparency=(10, 20, 30))
+    rgb = np.array(open_image(tmp_path / "keyed.png"))
+    assert (rgb[:4] == 255).all() and np.array_equal(rgb[4:], photo[4:])
+    grey = np.array(real_photo((16, 8)).convert("L"))
+    grey[:4] = 0
+    Image.fromarray(grey).save(tmp_path / "keyed_grey.png", transparency=0)
+    assert (np.array(open_image(tmp_path / "keyed_grey.png"))[:4] == 255).all()
