@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -77,8 +78,14 @@ def write_factors(folder: str | Path, scaling_factor: float, shift_factor: float
     if not path.is_file():
         raise FileNotFoundError(f"--write needs a diffusers VAE folder (or a run folder); no config.json in {folder}")
     config = json.loads(path.read_text())
+    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+        # (z - latents_mean) * scaling_factor / latents_std: a global 1/std would scale these latents twice
+        raise ValueError(f"{path} normalises latents per channel (latents_mean/latents_std, as Playground v2.5); "
+                         f"a global factor is not written. The measured per-channel mean and std are in the output.")
     config["scaling_factor"] = scaling_factor
     if shift_factor is not None:
         config["shift_factor"] = shift_factor
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not leave a broken config.json
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
     return path

@@ -51,3 +51,20 @@ def test_one_process_equals_two_and_write(tmp_path, photos, vae_folder):
     config = json.loads((vae_folder / "config.json").read_text())
     assert config["scaling_factor"] == pytest.approx(b["scaling_factor"]) and config["shift_factor"] == b["shift_factor"]
     assert "proposed scaling_factor" in one.stdout
+
+
+def test_write_refuses_a_per_channel_config_and_leaves_it_unchanged(vae_folder):
+    from sdvae.latents import write_factors
+
+    config = json.loads((vae_folder / "config.json").read_text())
+    config.update(latents_mean=[0.1] * 4, latents_std=[0.9] * 4, scaling_factor=0.5)
+    (vae_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="per channel"):
+        write_factors(vae_folder, 0.2)
+    assert json.loads((vae_folder / "config.json").read_text()) == config
+    config.update(latents_mean=None, latents_std=None)  # diffusers writes null when unset: a global factor is fine
+    (vae_folder / "config.json").write_text(json.dumps(config))
+    write_factors(vae_folder, 0.2, 0.05)
+    written = json.loads((vae_folder / "config.json").read_text())
+    assert (written["scaling_factor"], written["shift_factor"]) == (0.2, 0.05)
+    assert not list(vae_folder.glob("*.tmp"))
