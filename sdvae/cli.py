@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from .config import field_names, load_config, parse_overrides
 
@@ -125,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
     try:
+        for flag in ("batch_size", "resolution", "max_images", "tile_size", "shard_size"):
+            value = getattr(args, flag, None)  # 0 would end in a ZeroDivisionError or a bare range() error
+            if value is not None and value < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: an output path that is a file, a missing input...
         if getattr(args, "debug", False):
             raise
         print(f"sdvae {args.command}: error: {e}", file=sys.stderr)
@@ -146,6 +151,7 @@ def run_train(args) -> int:
         given = set(overrides) | set(_file_keys(args.config))
         settings = {k: v for k, v in demo.SETTINGS.items() if k not in given}
         cfg = load_config(args.config, overrides, defaults=settings)
+    if cfg.data is None:
         data, notice = demo.demo_defaults(cfg.output_dir, cfg.resolution, "perceptual_weight" in given)
         cfg = dataclasses.replace(cfg, **data)
         print(f"demo: training '{cfg.model}' on the photos scikit-image ships ({cfg.data}), "
@@ -180,7 +186,7 @@ def run_export(args) -> int:
     from .convert import load_pretrained_vae
     from .export import fp16_check, save_diffusers, save_single_file
 
-    vae = load_pretrained_vae(args.source)
+    vae = load_pretrained_vae(_check_vae(args.source))
     check = None if args.no_fp16_check else fp16_check(vae)
     if check:
         print(f"fp16 decode check on {check['images']} photos at {check['size']} px: max difference "
@@ -203,8 +209,13 @@ def run_stats(args) -> int:
     from .latents import latent_statistics, write_factors
     from .train import several_processes_without_gpu
 
+    if args.shift and not args.write:  # it would silently do nothing
+        raise ValueError("--shift only chooses what --write writes; add --write")
+    if args.write and not any((Path(args.vae) / f).is_file() for f in ("config.json", "vae/config.json")):
+        # found out before the measurement, which can take long on a large dataset
+        raise FileNotFoundError(f"--write needs a diffusers VAE folder (or a run folder); no config.json in {args.vae}")
     state = PartialState(cpu=several_processes_without_gpu())
-    vae = load_pretrained_vae(args.vae).to(state.device)
+    vae = load_pretrained_vae(_check_vae(args.vae)).to(state.device)
     current = vae.config.scaling_factor
     result = latent_statistics(vae, args.data, args.resolution, args.batch_size, args.max_images,
                                sample=not args.mode, state=state)
@@ -228,12 +239,19 @@ def run_codec(args) -> int:
 
     import torch
 
+    missing = [p for p in args.inputs if not Path(p).exists()]
+    if missing:  # before the model loads, and before decode has written part of its output
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+    if args.command == "decode":
+        _check_latent_files(args.inputs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    codec = load_vae(args.vae, device, DTYPES[args.dtype], compile=args.compile, tile_size=args.tile_size)
+    codec = load_vae(_check_vae(args.vae), device, DTYPES[args.dtype], compile=args.compile, tile_size=args.tile_size)
     if args.command == "encode":
         done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled)
         for line in skipped:
             print(f"skipped {line}", file=sys.stderr)
+        if not done:
+            raise ValueError(f"none of the images could be read ({len(skipped)} files, listed above)")
         print(f"{done} latents in {args.out} ({len(skipped)} unreadable files skipped)")
     else:
         print(f"{decode_files(codec, args.inputs, args.out, tiled=args.tiled)} images in {args.out}")
@@ -243,16 +261,18 @@ def run_codec(args) -> int:
 def run_cache(args) -> int:
     from .cache import build_cache
 
-    report = build_cache(args.vae, args.data, args.out, resolution=args.resolution, crop=args.crop, flip=args.flip,
+    report = build_cache(_check_vae(args.vae), args.data, args.out, resolution=args.resolution, crop=args.crop, flip=args.flip,
                          buckets=not args.no_buckets, batch_size=args.batch_size, num_workers=args.num_workers,
                          shard_size=args.shard_size, dtype=args.dtype, device=args.device, seed=args.seed)
     for item in report["skipped_files"][:20]:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     for shard in report["damaged_shards"]:
         print(f"damaged shard {shard['file']} ({shard['reason']}): its images were encoded again", file=sys.stderr)
-    print(f"{report['cached']} images cached in {args.out}: {report['encoded']} encoded "
-          f"({report['images_per_sec']} images/s), {report['reused']} reused, {report['skipped']} unreadable skipped "
-          f"(listed in {args.out}/report.json)")
+    if not report["cached"]:  # README: "no images at all is an error"
+        raise ValueError(f"no readable images in {args.data} ({report['skipped']} unreadable files, listed above)")
+    speed = f" ({report['images_per_sec']} images/s)" if report["encoded"] else ""
+    print(f"{report['cached']} images cached in {args.out}: {report['encoded']} encoded{speed}, "
+          f"{report['reused']} reused, {report['skipped']} unreadable skipped (listed in {args.out}/report.json)")
     return 0
 
 
@@ -260,11 +280,10 @@ def run_eval(args) -> int:
     from .evaluate import evaluate, markdown_table, parse_vae_specs
     from .export import DTYPES
 
-    for flag in ("batch_size", "resolution", "max_images"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    result = evaluate(parse_vae_specs(args.vae), args.data, args.out, resolution=args.resolution,
+    vaes = parse_vae_specs(args.vae)
+    for path in vaes.values():
+        _check_vae(path)
+    result = evaluate(vaes, args.data, args.out, resolution=args.resolution,
                       full_size=args.full_size, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
                       device=args.device, dtype=DTYPES[args.dtype], max_images=args.max_images,
                       lpips_weights=args.lpips_weights, fid_weights=args.fid_weights, use_lpips=not args.no_lpips,
@@ -275,6 +294,31 @@ def run_eval(args) -> int:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     print(f"written to {args.out}: metrics.json, per_image.csv, table.md, grid.png, psnr.png")
     return 0
+
+
+def _check_vae(path: str) -> str:
+    """A run folder whose training has not ended yet has no vae/ to load: say so, not just 'no config.json'."""
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file() and not (folder / "vae").exists() \
+            and (folder / "config.yaml").is_file() and any(folder.glob("checkpoint-*")):
+        raise FileNotFoundError(f"{path} is an sdvae run folder without its export: vae/ is written when training "
+                                f"ends (checkpoint-N folders hold training state, which cannot be loaded as a VAE)")
+    return path
+
+
+def _check_latent_files(inputs: list[str]) -> None:
+    """Every file decode would read must be a latent file of `sdvae encode`: found out before any image is written."""
+    from safetensors import safe_open
+
+    for item in map(Path, inputs):
+        for path in sorted(item.rglob("*.safetensors")) if item.is_dir() else [item]:
+            try:
+                with safe_open(str(path), "pt") as f:
+                    ok = "latent" in f.keys()
+            except Exception:  # not safetensors at all
+                ok = False
+            if not ok:
+                raise ValueError(f"{path} is not a latent file written by `sdvae encode` (no 'latent' tensor)")
 
 
 def _file_keys(path) -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -60,8 +61,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e).splitlines()[0]).rstrip(". ")  # torch's message has ANSI bold
         raise ValueError(f"{path} holds Python objects besides tensors and is not loaded (weights_only=True "
-                         f"refuses arbitrary pickles): {str(e).splitlines()[0]}. Convert it to .safetensors.") from None
+                         f"refuses arbitrary pickles): {reason}. Convert it to .safetensors.") from None
+    except Exception as e:  # truncated or not a torch file at all: torch fails with KeyError, EOFError, ...
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # Lightning checkpoints
     if not isinstance(state, dict):
@@ -153,15 +157,15 @@ def load_pretrained_vae(source: str):
         for folder in (path, path / "vae"):
             if (folder / "config.json").is_file():
                 return AutoencoderKL.from_pretrained(folder)
-        raise FileNotFoundError(f"init_from: {path} has no config.json (nor vae/config.json)")
+        raise FileNotFoundError(f"{path} has no config.json (nor vae/config.json)")
     if path.suffix in SINGLE_FILE_SUFFIXES or source.startswith((".", "/")):
-        raise FileNotFoundError(f"init_from: file not found: {source}")
+        raise FileNotFoundError(f"file not found: {source}")
     parts = source.split("/")
     repo, subfolder = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:  # a hub id (owner/repo[/subfolder]) such as stabilityai/sd-vae-ft-ema: needs a network or the HF cache
         return AutoencoderKL.from_pretrained(repo, subfolder=subfolder)
     except OSError as e:
-        raise FileNotFoundError(f"init_from: '{source}' is not a local folder or file, and loading it from the "
+        raise FileNotFoundError(f"'{source}' is not a local folder or file, and loading it from the "
                                 f"Hugging Face hub failed: {str(e).splitlines()[0]}") from None
 
 

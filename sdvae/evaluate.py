@@ -158,6 +158,8 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     total, sources = image_sources(data, split, image_column)
     if not full_size and resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {resolution}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after the whole evaluation
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codecs = {}
     for name, path in vaes.items():
@@ -238,8 +240,6 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     result = {"data": str(data), "images": len(names), "protocol": protocol, "vaes": summary,
               "skipped_metrics": skipped_metrics, "paired": paired, "notes": notes,
               "skipped_files": skipped_files}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     write_per_image(out / "per_image.csv", names, sizes, values)
     (out / "table.md").write_text(markdown_table(result))

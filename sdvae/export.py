@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .convert import diffusers_to_ldm, load_pretrained_vae, load_single_file
+from .convert import SINGLE_FILE_SUFFIXES, diffusers_to_ldm, load_pretrained_vae, load_single_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP16_BOUND = 4 * 2 / 255  # four 8-bit levels, on the [-1, 1] scale
@@ -54,6 +54,8 @@ def check_images(resolution: int = 128) -> torch.Tensor:
 def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "", fp16: dict | None = None) -> Path:
     """LDM-layout safetensors (what A1111 loads strictly and ComfyUI reads from models/vae/), with metadata."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; the single file needs a file name (e.g. {path / 'vae.safetensors'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
     architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
@@ -74,9 +76,12 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
 
 def save_diffusers(vae, folder: str | Path, dtype: str = "fp32", fp16: dict | None = None) -> Path:
     """A diffusers folder; with an fp16 check, its config's force_upcast is what the check measured."""
+    if Path(folder).is_file():  # save_pretrained would only log this and write nothing
+        raise FileExistsError(f"{folder} is a file; a diffusers VAE is written as a folder")
     if fp16 is not None:
         vae.register_to_config(force_upcast=fp16["force_upcast"])
-    vae = vae.to(DTYPES[dtype]) if dtype != "fp32" else vae
+    if dtype != "fp32":  # (diffusers' own .to() warns about an empty fp32 module list)
+        torch.nn.Module.to(vae, DTYPES[dtype])
     vae.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
@@ -88,6 +93,10 @@ def convert(source: str | Path, out: str | Path, dtype: str = "fp32") -> tuple[s
     if source.is_file():
         vae, layout = load_single_file(source, return_layout=True)
         if layout == "ldm":
+            if Path(out).suffix in SINGLE_FILE_SUFFIXES:  # would be a folder called x.safetensors
+                raise ValueError(f"{source} is already an LDM single file; convert writes it as a diffusers folder, "
+                                 f"not {out}. For a VAE-only single file: sdvae export {source} --format single-file "
+                                 f"--out {out}")
             return "ldm -> diffusers", save_diffusers(vae, out, dtype)
     else:
         vae = load_pretrained_vae(str(source))

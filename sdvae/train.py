@@ -115,11 +115,9 @@ def train(cfg: TrainConfig) -> dict:
             ema = EMAModel(vae_trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
             ema.to(accelerator.device)
             accelerator.print(f"{checkpoint} has no EMA weights: the EMA starts from its weights")
-        if main:
-            set_aside_later_checkpoints(out, step, accelerator.print)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
-
     if main:
+        set_aside_later_checkpoints(out, step, accelerator.print)  # a new run's or an earlier step's: not mixed in
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -140,12 +138,14 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.max_steps and not stop:
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+        whole_epoch, readable = batch_in_epoch == 0, False
         for batch in batches:
             batch_in_epoch += 1
             report_skipped(batch["skipped"], skipped, cfg.skip_log_limit)
             x = batch["pixel_values"]
             if not all_processes_agree(accelerator, x.numel() > 0):
                 continue  # every file in this batch was unreadable; DDP needs all processes to skip together
+            readable = True
 
             use_disc = disc is not None and step >= cfg.disc_start  # before disc_start it costs nothing
             with accelerator.accumulate(model, *([disc] if disc is not None else [])):
@@ -220,6 +220,9 @@ def train(cfg: TrainConfig) -> dict:
             if stop:
                 break
         else:
+            if whole_epoch and not readable:  # else the next epoch would be as empty, for ever
+                raise ValueError(f"none of the {len(skipped)} images in {cfg.data} could be read (see the warnings "
+                                 f"above for why)")
             epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
 
@@ -363,8 +366,9 @@ def find_checkpoint(out: Path, resume: str) -> Path:
 
 
 def set_aside_later_checkpoints(out: Path, step: int, say) -> None:
-    """Resuming from an earlier step starts a new timeline: the later checkpoints of the old one are renamed, not
-    deleted, so that pruning cannot remove the new ones in their favour nor `resume=latest` pick them."""
+    """A new run, or a resume from an earlier step, starts a new timeline: the later checkpoints of the old one
+    are renamed, not deleted, so that pruning cannot remove the new ones in their favour nor `resume=latest`
+    pick them."""
     for later in completed_checkpoints(out):
         if int(later.name.split("-")[1]) > step:
             aside = later.with_name(f"superseded-{later.name}")

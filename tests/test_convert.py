@@ -193,3 +193,11 @@ def test_a_diffusers_weights_file_reads_the_config_beside_it(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_single_file(tmp_path / "v.safetensors").eval()(x).sample, vae(x).sample,
                                    rtol=0, atol=0)
+
+
+def test_a_garbage_checkpoint_is_a_clear_error(tmp_path):
+    from sdvae.convert import read_state_dict
+
+    (tmp_path / "garbage.ckpt").write_bytes(b"PK\x03\x04 not a checkpoint at all" * 10)
+    with pytest.raises(ValueError, match="garbage.ckpt is not a readable torch checkpoint"):
+        read_state_dict(tmp_path / "garbage.ckpt")

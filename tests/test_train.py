@@ -166,3 +166,12 @@ def test_scale_lr_scales_the_discriminator_rate_too(tmp_path, photos):
     rates = [torch.load(checkpoint / name, weights_only=True)["param_groups"][0]["lr"]
              for name in ("optimizer.bin", "optimizer_1.bin")]
     assert rates == pytest.approx([2e-5, 6e-5])
+
+
+def test_data_where_no_image_can_be_read_is_an_error_not_an_endless_loop(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="none of the 3 images"):
+        train(config(tmp_path, folder, max_steps=2, batch_size=2))
