@@ -374,7 +374,8 @@ def set_aside_later_checkpoints(out: Path, step: int, say) -> None:
             aside = later.with_name(f"superseded-{later.name}")
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(later, aside)
-            say(f"{later} is later than the resumed step {step}: moved to {aside}")
+            say(f"{later} belongs to an earlier run (it is past step {step}, where this one starts): "
+                f"moved to {aside}")
 
 
 def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict, ema=None):
