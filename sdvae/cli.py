@@ -186,7 +186,7 @@ def run_export(args) -> int:
     from .convert import load_pretrained_vae
     from .export import fp16_check, save_diffusers, save_single_file
 
-    vae = load_pretrained_vae(_check_vae(args.source))
+    vae = load_pretrained_vae(args.source)
     check = None if args.no_fp16_check else fp16_check(vae)
     if check:
         print(f"fp16 decode check on {check['images']} photos at {check['size']} px: max difference "
@@ -206,16 +206,15 @@ def run_stats(args) -> int:
     from accelerate import PartialState
 
     from .convert import load_pretrained_vae
-    from .latents import latent_statistics, write_factors
+    from .latents import config_path, latent_statistics, write_factors
     from .train import several_processes_without_gpu
 
     if args.shift and not args.write:  # it would silently do nothing
         raise ValueError("--shift only chooses what --write writes; add --write")
-    if args.write and not any((Path(args.vae) / f).is_file() for f in ("config.json", "vae/config.json")):
-        # found out before the measurement, which can take long on a large dataset
-        raise FileNotFoundError(f"--write needs a diffusers VAE folder (or a run folder); no config.json in {args.vae}")
+    if args.write:
+        config_path(args.vae)  # found out before the measurement, which can take long on a large dataset
     state = PartialState(cpu=several_processes_without_gpu())
-    vae = load_pretrained_vae(_check_vae(args.vae)).to(state.device)
+    vae = load_pretrained_vae(args.vae).to(state.device)
     current = vae.config.scaling_factor
     result = latent_statistics(vae, args.data, args.resolution, args.batch_size, args.max_images,
                                sample=not args.mode, state=state)
@@ -245,7 +244,7 @@ def run_codec(args) -> int:
     if args.command == "decode":
         _check_latent_files(args.inputs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    codec = load_vae(_check_vae(args.vae), device, DTYPES[args.dtype], compile=args.compile, tile_size=args.tile_size)
+    codec = load_vae(args.vae, device, DTYPES[args.dtype], compile=args.compile, tile_size=args.tile_size)
     if args.command == "encode":
         done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled)
         for line in skipped:
@@ -261,7 +260,7 @@ def run_codec(args) -> int:
 def run_cache(args) -> int:
     from .cache import build_cache
 
-    report = build_cache(_check_vae(args.vae), args.data, args.out, resolution=args.resolution, crop=args.crop, flip=args.flip,
+    report = build_cache(args.vae, args.data, args.out, resolution=args.resolution, crop=args.crop, flip=args.flip,
                          buckets=not args.no_buckets, batch_size=args.batch_size, num_workers=args.num_workers,
                          shard_size=args.shard_size, dtype=args.dtype, device=args.device, seed=args.seed)
     for item in report["skipped_files"][:20]:
@@ -280,10 +279,7 @@ def run_eval(args) -> int:
     from .evaluate import evaluate, markdown_table, parse_vae_specs
     from .export import DTYPES
 
-    vaes = parse_vae_specs(args.vae)
-    for path in vaes.values():
-        _check_vae(path)
-    result = evaluate(vaes, args.data, args.out, resolution=args.resolution,
+    result = evaluate(parse_vae_specs(args.vae), args.data, args.out, resolution=args.resolution,
                       full_size=args.full_size, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
                       device=args.device, dtype=DTYPES[args.dtype], max_images=args.max_images,
                       lpips_weights=args.lpips_weights, fid_weights=args.fid_weights, use_lpips=not args.no_lpips,
@@ -294,16 +290,6 @@ def run_eval(args) -> int:
         print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
     print(f"written to {args.out}: metrics.json, per_image.csv, table.md, grid.png, psnr.png")
     return 0
-
-
-def _check_vae(path: str) -> str:
-    """A run folder whose training has not ended yet has no vae/ to load: say so, not just 'no config.json'."""
-    folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file() and not (folder / "vae").exists() \
-            and (folder / "config.yaml").is_file() and any(folder.glob("checkpoint-*")):
-        raise FileNotFoundError(f"{path} is an sdvae run folder without its export: vae/ is written when training "
-                                f"ends (checkpoint-N folders hold training state, which cannot be loaded as a VAE)")
-    return path
 
 
 def _check_latent_files(inputs: list[str]) -> None:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .data import list_images, open_image
+from .data import open_image
 from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
 from .metrics import build_fid_inception, fid_from_features, inception_features, psnr_batch, ssim_batch, summarise
 
@@ -60,15 +60,14 @@ def centre_crop(image: Image.Image, resolution: int) -> Image.Image:
 def image_sources(data: str, split: str = "validation", image_column: str = "image"):
     """(number of images, iterator of (name, source)) for an image folder (names relative to it) or a `datasets`
     dataset: a `save_to_disk` folder, a folder of parquet files, or a hub name. Sources are read lazily."""
-    from .data import HFImageDataset, _looks_like_hf_dataset, build_dataset
+    from .data import HFImageDataset, ImageFolder, build_dataset
 
-    root = Path(data)
-    if root.is_dir() and not _looks_like_hf_dataset(root) or not root.exists() and "/" not in data.strip("/"):
-        files = list_images(root)  # FileNotFoundError / ValueError("no images ...") before any model loads
-        return len(files), ((str(f.relative_to(root)), f) for f in files)
+    # FileNotFoundError / ValueError("no images ...") here, before any model loads; the transform goes unused
     dataset = build_dataset(data, 8, image_column, split, random_flip=False, random_crop=False)
+    if isinstance(dataset, ImageFolder):
+        return len(dataset), ((str(f.relative_to(data)), f) for f in dataset.files)
     if not isinstance(dataset, HFImageDataset):
-        raise ValueError(f"{data}: expected an image folder or a `datasets` dataset")
+        raise ValueError(f"{data}: expected an image folder or a map-style `datasets` dataset")
     return len(dataset), ((dataset.name(i), dataset.source(i)) for i in range(len(dataset)))
 
 
@@ -80,17 +79,16 @@ def batches(sources, resolution: int, full_size: bool, batch_size: int, max_imag
     for name, source in sources:
         if max_images is not None and count >= max_images:
             break
+        where = str(source) if isinstance(source, Path) else name  # a file by its whole path, a row by column[i]
         try:
             image = open_image(source)
-        except Exception as e:  # a file is reported by its whole path, a dataset row by column[index]
-            skipped.append({"path": str(source) if isinstance(source, Path) else name,
-                            "reason": f"{type(e).__name__}: {e}"})
+        except Exception as e:
+            skipped.append({"path": where, "reason": f"{type(e).__name__}: {e}"})
             continue
         image = image if full_size else centre_crop(image, resolution)
         array = np.asarray(image)
         if min(array.shape[:2]) < 11:
-            skipped.append({"path": str(source) if isinstance(source, Path) else name,
-                            "reason": f"{image.width}x{image.height}: SSIM needs 11x11 pixels"})
+            skipped.append({"path": where, "reason": f"{image.width}x{image.height}: SSIM needs 11x11 pixels"})
             continue
         count += 1
         queue = pending.setdefault(array.shape, [])

@@ -70,13 +70,17 @@ def latent_statistics(vae, data: str, resolution: int = 256, batch_size: int = 8
                 scaling_factor=1.0 / std, shift_factor=float(mean))
 
 
+def config_path(folder: str | Path) -> Path:
+    """The config.json of a diffusers VAE folder or of a run folder's vae/."""
+    for path in (Path(folder) / "config.json", Path(folder) / "vae" / "config.json"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"--write needs a diffusers VAE folder (or a run folder); no config.json in {folder}")
+
+
 def write_factors(folder: str | Path, scaling_factor: float, shift_factor: float | None = None) -> Path:
     """Put the factors into a diffusers VAE folder's config.json (what pipelines read)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file() and (Path(folder) / "vae" / "config.json").is_file():
-        path = Path(folder) / "vae" / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"--write needs a diffusers VAE folder (or a run folder); no config.json in {folder}")
+    path = config_path(folder)
     config = json.loads(path.read_text())
     if config.get("latents_mean") is not None and config.get("latents_std") is not None:
         # (z - latents_mean) * scaling_factor / latents_std: a global 1/std would scale these latents twice

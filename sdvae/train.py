@@ -94,10 +94,6 @@ def train(cfg: TrainConfig) -> dict:
                                           betas=(0.5, 0.9))
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     vae_trained = [p for p in vae.parameters() if p.requires_grad]
-    ema = None
-    if cfg.ema_decay > 0:  # over the trained parameters only: a frozen encoder stays bit-identical
-        ema = EMAModel(vae_trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
-        ema.to(accelerator.device)
     # LDM's clamp of the adaptive weight, moved to our loss scale (ours is LDM's / 3*H*W)
     max_adaptive_weight = 1e4 / (3 * cfg.resolution**2)
 
@@ -109,13 +105,14 @@ def train(cfg: TrainConfig) -> dict:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         skipped, nonfinite_steps = set(state["skipped"]), state["nonfinite_steps"]
-        if ema is not None and "ema" in state:
-            load_ema(ema, checkpoint, state["ema"], accelerator.device)
-        elif ema is not None:  # EMA turned on at resume: average from the resumed weights, not from the init
-            ema = EMAModel(vae_trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
-            ema.to(accelerator.device)
-            accelerator.print(f"{checkpoint} has no EMA weights: the EMA starts from its weights")
         accelerator.print(f"resumed from {checkpoint} at step {step}")
+    ema = None
+    if cfg.ema_decay > 0:  # over the trained parameters only: a frozen encoder stays bit-identical
+        # made after the resume, so EMA turned on at resume averages from the resumed weights
+        ema = EMAModel(vae_trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
+        ema.to(accelerator.device)
+        if cfg.resume and "ema" in state:
+            load_ema(ema, checkpoint, state["ema"], accelerator.device)
     if main:
         set_aside_later_checkpoints(out, step, accelerator.print)  # a new run's or an earlier step's: not mixed in
         out.mkdir(parents=True, exist_ok=True)

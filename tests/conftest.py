@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdvae.demo import load_photo
+from sdvae.models import build_vae
 
 REAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle")
 
@@ -20,6 +22,15 @@ def write_photos(folder, size=96, names=REAL_PHOTOS):
 @pytest.fixture
 def photos(tmp_path):
     return write_photos(tmp_path / "photos")
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A random-init tiny VAE saved as a diffusers folder."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vae")
+    build_vae("tiny").save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(autouse=True)

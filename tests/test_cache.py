@@ -10,7 +10,6 @@ import sdvae
 from sdvae.cache import LatentCache, build_cache, bucket_sizes
 from sdvae.data import open_image
 from sdvae.demo import load_photo
-from sdvae.models import build_vae
 
 # (name, photo, width, height): squares, 2:1, 4:1 and portraits, so several buckets at 64 px
 IMAGES = [("sq-a.png", "astronaut", 96, 96), ("sq-b.jpg", "chelsea", 72, 72), ("sq-c.png", "coffee", 64, 64),
@@ -30,14 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vae")
-    build_vae("tiny").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

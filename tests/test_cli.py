@@ -4,20 +4,10 @@ import json
 import logging
 
 import pytest
-import torch
 from PIL import Image
 
 from sdvae.cli import main
 from sdvae.demo import load_photo
-from sdvae.models import build_vae
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vae")
-    build_vae("tiny").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
