@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .data import list_images, open_image, seed_for
 from .export import DTYPES
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -141,21 +142,6 @@ def encoder_hash(model) -> str:
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes):
-    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash
-    finally:
-        os.close(folder)
 
 
 def _check_shard(root: Path, shard: dict) -> str | None:

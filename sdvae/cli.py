@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import field_names, load_config, parse_overrides
+from .errors import TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         return args.run(args) or 0
+    except TrainingInterrupted as e:
+        print(f"sdvae {args.command}: {e}", file=sys.stderr)  # the run's checkpoint and how to continue it
+        return e.exit_code
     except (ValueError, RuntimeError, OSError) as e:  # OSError: an output path that is a file, a missing input...
         if getattr(args, "debug", False):
             raise

@@ -182,4 +182,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    from .files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -157,9 +157,10 @@ def load_pretrained_vae(source: str):
         for folder in (path, path / "vae"):
             if (folder / "config.json").is_file():
                 return AutoencoderKL.from_pretrained(folder)
-        if (path / "config.yaml").is_file() and any(path.glob("checkpoint-*")):  # an sdvae run still training
-            raise FileNotFoundError(f"{path} is an sdvae run folder without its export: vae/ is written when "
-                                    f"training ends (checkpoint-N folders hold training state, not a VAE)")
+        if (path / "config.yaml").is_file() and any(path.glob("checkpoint-*")):  # a run still training, or stopped
+            from .checkpoints import load_checkpoint_vae
+
+            return load_checkpoint_vae(path)
         raise FileNotFoundError(f"{path} has no config.json (nor vae/config.json)")
     if path.suffix in SINGLE_FILE_SUFFIXES or source.startswith((".", "/")):
         raise FileNotFoundError(f"file not found: {source}")

@@ -54,9 +54,10 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def generator_term(disc: nn.Module, reconstruction, nll, last_layer, disc_weight: float, max_weight: float):
+def generator_term(disc: nn.Module, reconstruction, nll, last_layer, disc_weight: float):
     """disc_weight * adaptive weight * g_loss. `disc` is the unwrapped discriminator, frozen for this pass so
     that the generator loss never reaches its gradients."""
+    max_weight = 1e4 / reconstruction[0].numel()  # LDM's clamp, on our loss scale (LDM's / 3*H*W)
     disc.requires_grad_(False)
     try:
         g_loss = generator_loss(disc(reconstruction))

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .convert import SINGLE_FILE_SUFFIXES, diffusers_to_ldm, load_pretrained_vae, load_single_file
+from .files import atomic_folder, atomic_write
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP16_BOUND = 4 * 2 / 255  # four 8-bit levels, on the [-1, 1] scale
@@ -34,6 +35,13 @@ def fp16_check(vae, images: torch.Tensor | None = None, bound: float = FP16_BOUN
                 force_upcast=nonfinite or difference > bound, images=images.shape[0], size=images.shape[-1])
 
 
+def assert_finite(tensors: dict, what: str) -> None:
+    """Weights with NaN or inf are never written as a model: they decode to black (or NaN) images."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{what}: tensor {name} holds non-finite values (NaN or inf); nothing written")
+
+
 def check_images(resolution: int = 128) -> torch.Tensor:
     """Two real photos (scikit-image's), centre-cropped."""
     from PIL import Image
@@ -57,6 +65,7 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; the single file needs a file name (e.g. {path / 'vae.safetensors'})")
     path.parent.mkdir(parents=True, exist_ok=True)
+    assert_finite(vae.state_dict(), f"{source or 'the VAE'}")
     state = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
     architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
     if fp16 is not None:  # what the check measured, as in save_diffusers; loaders read it from the architecture
@@ -70,19 +79,23 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
     }
     if fp16 is not None:
         metadata["sdvae.fp16_check"] = json.dumps(fp16)
-    save_file(state, str(path), metadata=metadata)
+    atomic_write(path, save(state, metadata=metadata))
     return path
 
 
 def save_diffusers(vae, folder: str | Path, dtype: str = "fp32", fp16: dict | None = None) -> Path:
-    """A diffusers folder; with an fp16 check, its config's force_upcast is what the check measured."""
+    """A diffusers folder, written whole or not at all; with an fp16 check, its config's force_upcast is what the
+    check measured."""
     if Path(folder).is_file():  # save_pretrained would only log this and write nothing
         raise FileExistsError(f"{folder} is a file; a diffusers VAE is written as a folder")
+    assert_finite(vae.state_dict(), f"the VAE for {folder}")
     if fp16 is not None:
         vae.register_to_config(force_upcast=fp16["force_upcast"])
     if dtype != "fp32":  # (diffusers' own .to() warns about an empty fp32 module list)
         torch.nn.Module.to(vae, DTYPES[dtype])
-    vae.save_pretrained(folder, safe_serialization=True)
+    Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(folder) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
     return Path(folder)
 
 

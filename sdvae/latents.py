@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import build_dataset, seed_for
+from .files import atomic_write
 
 
 @torch.no_grad()
@@ -89,7 +89,4 @@ def write_factors(folder: str | Path, scaling_factor: float, shift_factor: float
     config["scaling_factor"] = scaling_factor
     if shift_factor is not None:
         config["shift_factor"] = shift_factor
-    tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not leave a broken config.json
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(config, indent=2, sort_keys=True) + "\n")  # never a half config.json

@@ -1,17 +1,20 @@
-"""The training loop: one function, read top to bottom. CPU, one GPU or many, through Accelerate.
+"""The training loop, CPU to many GPUs through Accelerate. `train()` reads top to bottom; the pieces it calls
+(build_run, batches, train_step, finish) follow it in that order.
 
     sdvae train --config train/configs/tiny.yaml data=/path/to/images
     accelerate launch -m sdvae train --config train/configs/sd-kl-f8.yaml data=...
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import io
 import logging
 import math
 import os
-import shutil
+import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +22,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from .checkpoints import (TrainState, completed_checkpoints, find_checkpoint, has_discriminator, last_good, load_ema, save_checkpoint,
+                          set_aside_later_checkpoints)
 from .config import TrainConfig, save_config
 from .convert import load_pretrained_vae
 from .data import build_dataset, collate, seed_for
+from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
+from .files import FolderLock, FolderLocked, atomic_json, atomic_write, remove_stale_temporaries, write_failure
 from .losses import AutoencoderLoss, build_lpips
 from .metrics import comparison_grid, reconstruct, score, summarise
 from .models import VAETrainingForward, build_vae
@@ -34,15 +40,49 @@ from .models import VAETrainingForward, build_vae
 log = logging.getLogger("sdvae")
 
 
-def several_processes_without_gpu() -> bool:
-    """torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: Accelerate forms the gloo group
-    only when told it runs on CPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def train(cfg: TrainConfig) -> dict:
+    """Train to max_steps (or max_minutes), checkpointing on the way, then export; returns metrics.json's content."""
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(cfg, out)
+    set_seed(cfg.seed)  # model init; crops and posterior noise are seeded per (process, epoch, step)
+    with lock_run_folder(accelerator, out), StopSignals() as signals:
+        try:
+            run = build_run(cfg, accelerator)
+            state, main = run.state, accelerator.is_main_process
+            if state.step >= cfg.max_steps:
+                return nothing_to_do(run)
+            start_run_folder(run)
+            at_start = evaluate(run.vae, run.val_batches, accelerator.device) if (
+                run.val_batches and main and not cfg.resume) else None  # the baseline of the final scores
+            window, micro_batches = LogWindow(), batches(run)
+            stop, signum = False, 0
+            with tqdm(total=cfg.max_steps, initial=state.step, disable=not main, desc="train", unit="step") as progress:
+                while not stop:
+                    result = train_step(run, micro_batches)
+                    if result is None:
+                        continue  # skipped and counted: a non-finite loss, gradient or update
+                    window.add(*result)
+                    state.step += 1
+                    if run.ema is not None:
+                        run.ema.step(run.trained)
+                    stop, signum = stop_reason(run, signals, window.started)
+                    progress.update(1)
+                    if state.step % cfg.log_every == 0 or stop:
+                        write_log(run, window, progress)
+                    if run.preview is not None and main and (state.step % cfg.sample_every == 0 or stop):
+                        write_preview(run)
+                    if state.step % cfg.checkpoint_every == 0 or stop:
+                        save_checkpoint(accelerator, out, state, cfg.checkpoints_total_limit, run.vae, run.ema,
+                                        run.trained_names)
+            if signum:
+                raise interrupted(run, signum)
+            return finish(run, window, at_start)
+        finally:
+            accelerator.end_training()
+
+
+def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
+    return Accelerator(
         cpu=several_processes_without_gpu(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -51,204 +91,426 @@ def train(cfg: TrainConfig) -> dict:
         # every process must draw the same permutation and take its own shard of it
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)  # model init; crops and posterior noise are seeded per (process, epoch, step)
 
+
+def several_processes_without_gpu() -> bool:
+    """torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: Accelerate forms the gloo group
+    only when told it runs on CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def lock_run_folder(accelerator, out: Path):
+    """One run per folder: the main process holds the lock; if it cannot get it, every process stops."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = FolderLock(out, "training run").acquire()
+        except FolderLocked as e:
+            error = e
+    if not all_processes_agree(accelerator, error is None):
+        raise error or FolderLocked(f"{out} is in use by another sdvae training run")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class StopSignals:
+    """The first SIGINT or SIGTERM asks the loop to stop after the current optimiser step, with a checkpoint.
+    Another one exits at once, unless it comes within a second of the first: launchers (torchrun) forward the
+    signal the terminal already sent to every process."""
+
+    def __init__(self):
+        self.signum, self.first_at, self.previous = 0, 0.0, {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if not self.signum:
+            self.signum, self.first_at = signum, time.monotonic()
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                        f"(again to exit at once)\n".encode())
+        elif time.monotonic() - self.first_at > 1.0:
+            os.write(2, f"{signal.Signals(signum).name} again: exiting without a checkpoint\n".encode())
+            os._exit(128 + signum)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers: a Ctrl-C reaches the whole process group, and a worker that died of it would end the
+    step the main process is finishing. The main process stops them when it is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@dataclass
+class Run:
+    """What a training step needs, prepared by Accelerate; built once by build_run. Tests build one too."""
+    cfg: TrainConfig
+    accelerator: Accelerator
+    out: Path
+    model: torch.nn.Module  # VAETrainingForward wrapped for DDP: every forward goes through it
+    vae: torch.nn.Module  # its AutoencoderKL, unwrapped: export, previews, the adversarial weight's last layer
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    criterion: AutoencoderLoss
+    params: list  # what the optimiser updates (with the learned log-variance)
+    trained_names: list  # the VAE's trained parameters (EMA, checkpoints); a frozen encoder is not among them
+    state: TrainState
+    guard: "StepGuard"
+    disc: torch.nn.Module | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+    ema: EMAModel | None = None
+    preview: torch.Tensor | None = None
+    val_batches: list = field(default_factory=list)
+    perceptual: bool = False
+
+    @property
+    def trained(self) -> list:
+        parameters = dict(self.vae.named_parameters())
+        return [parameters[n] for n in self.trained_names]
+
+
+def build_run(cfg: TrainConfig, accelerator) -> Run:
     # Data first: a missing or empty dataset must fail before any model is built.
     dataset = build_dataset(cfg.data, cfg.resolution, cfg.image_column, cfg.data_split, cfg.streaming,
                             cfg.random_flip, seed=cfg.seed)
-    streaming = isinstance(dataset, IterableDataset)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not streaming, num_workers=cfg.num_workers,
-                        collate_fn=collate, drop_last=False)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not isinstance(dataset, IterableDataset),
+                        num_workers=cfg.num_workers, collate_fn=collate, drop_last=False,
+                        worker_init_fn=ignore_stop_signals)
     preview, val_batches = load_validation(cfg, dataset)
+    module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
+    lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
+    criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model).to(accelerator.device)
+    params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(params, lr=learning_rate(cfg, accelerator, 0), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=cfg.weight_decay)  # the first step is the warm-up's first
+    model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.resume) if cfg.resume else None
+    late_disc = checkpoint is not None and cfg.disc_weight > 0 and not has_discriminator(checkpoint)
+    if late_disc:  # loaded before the discriminator is registered, which then starts fresh
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"{checkpoint} was trained without a discriminator: it starts now, freshly initialised")
+    disc = disc_optimizer = None
+    if cfg.disc_weight > 0:
+        disc = build_discriminator(cfg, accelerator)
+        disc_rate = (cfg.disc_learning_rate or cfg.learning_rate) * lr_scale(cfg, accelerator)
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=disc_rate, betas=(0.5, 0.9))
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    if checkpoint is not None and not late_disc:
+        accelerator.load_state(str(checkpoint))
+    state = TrainState.read(checkpoint) if checkpoint is not None else TrainState()
+    if checkpoint is not None:
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    vae = accelerator.unwrap_model(model).vae
+    trained_names = [n for n, p in vae.named_parameters() if p.requires_grad]
+    guarded = params + (list(disc.parameters()) if disc is not None else [])
+    run = Run(cfg, accelerator, Path(cfg.output_dir), model, vae, optimizer, loader, criterion, params, trained_names,
+              state, StepGuard(guarded, [optimizer] + ([disc_optimizer] if disc is not None else [])), disc,
+              disc_optimizer, preview=preview, val_batches=val_batches, perceptual=lpips_model is not None)
+    if cfg.ema_decay > 0:  # over the trained parameters only: a frozen encoder stays bit-identical
+        # made after the resume, so EMA turned on at resume averages from the resumed weights
+        run.ema = EMAModel(run.trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
+        run.ema.to(accelerator.device)
+        if state.ema is not None:
+            load_ema(run.ema, checkpoint, state.ema, trained_names, accelerator.device)
+    return run
 
+
+def trainable_vae(cfg: TrainConfig):
     vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
+    if cfg.init_from:
+        from .export import assert_finite
+
+        assert_finite(vae.state_dict(), f"init_from {cfg.init_from}")  # NaN weights would train nothing
     if cfg.train_decoder_only:  # the sd-vae-ft-mse recipe: latents of the source VAE stay valid
         vae.encoder.requires_grad_(False)
         if vae.quant_conv is not None:  # SD3 / FLUX VAEs have none
             vae.quant_conv.requires_grad_(False)
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
-    module = VAETrainingForward(vae.train(), cfg.learn_logvar, cfg.logvar_init)
-    lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
-    criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model).to(accelerator.device)
-    params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
-    # LDM: base LR x processes x batch x accumulation, for the autoencoder and the discriminator alike
-    lr_scale = accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps if cfg.scale_lr else 1
-    base_lr = cfg.learning_rate * lr_scale
+    return vae
 
-    def lr_at(step: int) -> float:  # linear warm-up, then constant (a pure function of the step, so resume is exact)
-        return base_lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else base_lr
 
-    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # lr_at(0), not base_lr: the first step is the first of the warm-up
-    optimizer = optimizer_class(params, lr=lr_at(0), betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.weight_decay)
-    model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    vae = accelerator.unwrap_model(model).vae
-    last_layer = vae.decoder.conv_out.weight  # where LDM balances the adversarial gradient against the nll's
-    disc = disc_optimizer = None
-    if cfg.disc_weight > 0:
-        disc = build_discriminator(cfg, accelerator)
-        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=(cfg.disc_learning_rate or cfg.learning_rate) * lr_scale,
-                                          betas=(0.5, 0.9))
-        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
-    vae_trained = [p for p in vae.parameters() if p.requires_grad]
-    # LDM's clamp of the adaptive weight, moved to our loss scale (ours is LDM's / 3*H*W)
-    max_adaptive_weight = 1e4 / (3 * cfg.resolution**2)
+def lr_scale(cfg: TrainConfig, accelerator) -> int:
+    """LDM: base rate x processes x batch x accumulation, for the autoencoder and the discriminator alike."""
+    if not cfg.scale_lr:
+        return 1
+    return accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
 
-    step, epoch, batch_in_epoch, skipped = 0, 0, 0, set()  # skipped: names of unreadable files
-    nonfinite_in_a_row, nonfinite_steps = 0, 0
-    if cfg.resume:
-        checkpoint = find_checkpoint(out, cfg.resume)
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        skipped, nonfinite_steps = set(state["skipped"]), state["nonfinite_steps"]
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
-    ema = None
-    if cfg.ema_decay > 0:  # over the trained parameters only: a frozen encoder stays bit-identical
-        # made after the resume, so EMA turned on at resume averages from the resumed weights
-        ema = EMAModel(vae_trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
-        ema.to(accelerator.device)
-        if cfg.resume and "ema" in state:
-            load_ema(ema, checkpoint, state["ema"], accelerator.device)
-    if main:
-        set_aside_later_checkpoints(out, step, accelerator.print)  # a new run's or an earlier step's: not mixed in
-        out.mkdir(parents=True, exist_ok=True)
+
+def learning_rate(cfg: TrainConfig, accelerator, step: int) -> float:
+    """Linear warm-up, then constant: a function of the step alone, so that a resumed run continues exactly."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    return cfg.learning_rate * lr_scale(cfg, accelerator) * warm
+
+
+def nothing_to_do(run: Run) -> dict:
+    export = run.out / "vae"
+    hint = "" if export.is_dir() else f"; export it with: sdvae export {run.out} --out {export}"
+    run.accelerator.print(f"the checkpoint is at step {run.state.step} and max_steps is {run.cfg.max_steps}: "
+                          f"nothing to do, {run.out} is left as it is (raise max_steps to train on){hint}")
+    return {}
+
+
+def start_run_folder(run: Run) -> None:
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
+    if accelerator.is_main_process:  # under the lock: what is left over is from runs that were killed
+        for stale in remove_stale_temporaries(out):
+            accelerator.print(f"removed {stale}, left by a run that was killed while writing it")
+        set_aside_later_checkpoints(out, run.state.step, accelerator.print)  # an old timeline's: not mixed in
         (out / "samples").mkdir(exist_ok=True)
         save_config(cfg, out / "config.yaml")
     accelerator.init_trackers("sdvae", config={k: v if v is not None else "" for k, v in
                                                dataclasses.asdict(cfg).items()})
-    if lpips_model is None:
+    if not run.perceptual:
         accelerator.print("perceptual loss: off (perceptual_weight=0)")
 
-    at_start = evaluate(vae, val_batches, accelerator.device) if (
-        val_batches and main and not cfg.resume) else None  # the baseline the final scores are compared with
-    progress = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc="train", unit="step")
-    running: dict = {}
-    counts: dict[str, int] = {}  # per key: grad_norm comes once per optimizer step, d_loss only after disc_start
-    first_logged: dict[str, float] = {}
-    last_logged: dict[str, float] = {}
-    start, images_seen, stop = time.time(), 0, False
-    window_start, window_images = start, 0  # images/s in the logs is over the last log window
-    while step < cfg.max_steps and not stop:
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
-        whole_epoch, readable = batch_in_epoch == 0, False
-        for batch in batches:
-            batch_in_epoch += 1
-            report_skipped(batch["skipped"], skipped, cfg.skip_log_limit)
-            x = batch["pixel_values"]
-            if not all_processes_agree(accelerator, x.numel() > 0):
-                continue  # every file in this batch was unreadable; DDP needs all processes to skip together
-            readable = True
 
-            use_disc = disc is not None and step >= cfg.disc_start  # before disc_start it costs nothing
-            with accelerator.accumulate(model, *([disc] if disc is not None else [])):
-                noise_seed = seed_for(cfg.seed, accelerator.process_index, step, batch_in_epoch, epoch)
-                reconstruction, kl, logvar = model(x, noise_seed if cfg.sample_posterior else None)
-                with accelerator.autocast():
-                    loss, nll, logs = criterion(x, reconstruction, kl, logvar)
-                    if use_disc:
-                        adversarial, adv_logs = generator_term(accelerator.unwrap_model(disc), reconstruction, nll,
-                                                               last_layer, cfg.disc_weight, max_adaptive_weight)
-                        loss = loss + adversarial
-                        logs.update(adv_logs)
-                finite = all_processes_agree(accelerator, bool(torch.isfinite(loss)))
-                accelerator.backward(loss)  # also when not finite: DDP expects every forward to get its backward
-                if finite:
-                    if accelerator.sync_gradients:  # the norm is logged also when clipping is off
-                        logs["grad_norm"] = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-                    optimizer.step()
-                else:  # drop the window's gradients now: between sync steps optimizer.zero_grad does nothing,
-                    model.zero_grad(set_to_none=True)  # and the NaNs would reach the window's optimizer step
-                optimizer.zero_grad(set_to_none=True)
-                if use_disc and finite:
-                    d_loss, d_logs = discriminator_term(disc, x, reconstruction, cfg.disc_loss)
-                    accelerator.backward(d_loss)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-                    logs.update(d_logs)
-            if not finite:
-                nonfinite_in_a_row, nonfinite_steps = nonfinite_in_a_row + 1, nonfinite_steps + 1
-                log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nonfinite_in_a_row)
-                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    last = (completed_checkpoints(out) or ["none written yet"])[-1]
-                    raise RuntimeError(f"{nonfinite_in_a_row} non-finite losses in a row at step {step}: stopping. "
-                                       f"Last good checkpoint: {last}. Try a lower learning_rate, "
-                                       f"mixed_precision=no or bf16, or max_grad_norm.")
-                continue
-            nonfinite_in_a_row = 0
-            images_seen += x.shape[0] * accelerator.num_processes
-            window_images += x.shape[0] * accelerator.num_processes
-            for k, v in logs.items():  # summed on the device: no host sync until a log line is written
-                running[k] = running.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-                counts[k] = counts.get(k, 0) + 1
-            if not accelerator.sync_gradients:
-                continue
+def batches(run: Run):
+    """The readable micro-batches from where the run stands, epoch after epoch, for ever. Files that cannot be
+    read are named (up to skip_log_limit) and counted; a whole epoch without one readable image is an error."""
+    state, accelerator = run.state, run.accelerator
+    while True:
+        run.loader.set_epoch(state.epoch)
+        resumed_within = state.batch_in_epoch  # skip what this epoch already trained on
+        epoch = accelerator.skip_first_batches(run.loader, resumed_within) if resumed_within else run.loader
+        readable = False
+        for batch in epoch:
+            state.batch_in_epoch += 1
+            report_skipped(batch["skipped"], state.skipped, run.cfg.skip_log_limit)
+            # a batch of nothing but unreadable files: DDP needs every process to skip it together
+            if all_processes_agree(accelerator, batch["pixel_values"].numel() > 0):
+                readable = True
+                yield batch["pixel_values"]
+        if not resumed_within and not readable:  # else the next epoch would be as empty, for ever
+            raise ValueError(f"none of the {len(state.skipped)} images in {run.cfg.data} could be read (see the "
+                             f"warnings above for why)")
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
-            step += 1
-            if ema is not None:
-                ema.step(vae_trained)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            elapsed = time.time() - start
-            stop = step >= cfg.max_steps or out_of_time(accelerator, elapsed, cfg.max_minutes)
-            progress.update(1)
-            if step % cfg.log_every == 0 or stop:
-                means = {k: float(v) / counts[k] for k, v in running.items()}
-                now = time.time()
-                means.update(lr=optimizer.param_groups[0]["lr"], images_per_sec=window_images / (now - window_start),
-                             skipped_files=len(skipped), nonfinite_steps=nonfinite_steps, epoch=epoch)
-                if ema is not None:
-                    means["ema_decay"] = ema.cur_decay_value
-                accelerator.log({f"train/{k}": v for k, v in means.items()}, step=step)
-                progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
-                running, counts, last_logged = {}, {}, means
-                window_start, window_images = now, 0
-                first_logged = first_logged or means
-            if preview is not None and main and (step % cfg.sample_every == 0 or stop):
-                write_preview(accelerator, model, preview, out, step)
-            if step % cfg.checkpoint_every == 0 or stop:
-                save_checkpoint(accelerator, out, step, cfg.checkpoints_total_limit,
-                                dict(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, skipped=sorted(skipped),
-                                     nonfinite_steps=nonfinite_steps), ema)
-            if stop:
-                break
+
+def train_step(run: Run, micro_batches) -> tuple[list, int] | None:
+    """One optimiser step over one accumulation window: (the micro-batches' logs, images), or None when the
+    step was skipped: a non-finite loss or gradient, or an update that left a weight non-finite (undone)."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    use_disc = run.disc is not None and state.step >= cfg.disc_start  # before disc_start it costs nothing
+    for group in run.optimizer.param_groups:  # set here, not after the step: a resume may change the rate
+        group["lr"] = learning_rate(cfg, accelerator, state.step)
+    window, images, problem = [], 0, None
+    for x in micro_batches:
+        with accelerator.accumulate(run.model, *([run.disc] if run.disc is not None else [])):
+            loss, logs, reconstruction = vae_backward(run, x, use_disc)
+            if problem is None and not all_processes_agree(accelerator, bool(torch.isfinite(loss))):
+                problem = "loss"
+            if problem is None and use_disc:
+                d_loss, d_logs = discriminator_term(run.disc, x, reconstruction, cfg.disc_loss)
+                accelerator.backward(d_loss)
+                logs.update(d_logs)
+        window.append(logs)
+        images += x.shape[0] * accelerator.num_processes
+        if accelerator.sync_gradients:
+            break
+    if problem is None:  # the norm is logged also when clipping is off
+        window[-1]["grad_norm"] = grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)
+        if accelerator.scaler is None and not all_processes_agree(accelerator, bool(torch.isfinite(grad_norm))):
+            problem = "gradient"  # (fp16's scaler skips such steps itself, and lowers its scale)
+    if problem is None:
+        run.guard.save()
+        run.optimizer.step()
+        if use_disc:
+            run.disc_optimizer.step()
+        if not all_processes_agree(accelerator, run.guard.finite()):
+            run.guard.restore()
+            problem = "update (the weights it made were non-finite; undone)"
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.disc is not None:
+        run.disc_optimizer.zero_grad(set_to_none=True)
+    return count_nonfinite(run, problem) if problem else (window, images)
+
+
+def vae_backward(run: Run, x: torch.Tensor, use_disc: bool):
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    noise_seed = seed_for(cfg.seed, accelerator.process_index, state.step, state.batch_in_epoch, state.epoch)
+    reconstruction, kl, logvar = run.model(x, noise_seed if cfg.sample_posterior else None)
+    with accelerator.autocast():
+        loss, nll, logs = run.criterion(x, reconstruction, kl, logvar)
+        if use_disc:
+            adversarial, adv_logs = generator_term(accelerator.unwrap_model(run.disc), reconstruction, nll,
+                                                   run.vae.decoder.conv_out.weight, cfg.disc_weight)
+            loss = loss + adversarial
+            logs.update(adv_logs)
+    accelerator.backward(loss)  # also when not finite: DDP expects every forward to get its backward
+    return loss, logs, reconstruction
+
+
+def count_nonfinite(run: Run, problem: str) -> None:
+    state = run.state
+    state.nonfinite_steps, state.nonfinite_in_a_row = state.nonfinite_steps + 1, state.nonfinite_in_a_row + 1
+    log.warning("non-finite %s at step %d: step skipped (%d in a row)", problem, state.step, state.nonfinite_in_a_row)
+    if state.nonfinite_in_a_row >= run.cfg.max_nonfinite_steps:
+        done = (completed_checkpoints(run.out) or ["none written yet"])[-1]
+        raise RuntimeError(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step} (last: "
+                           f"{problem}): stopping. Last good checkpoint: {done}. Try a lower learning_rate, "
+                           f"mixed_precision=no or bf16, or max_grad_norm.")
+    return None
+
+
+class StepGuard:
+    """Undo for an optimiser step: the weights and optimiser state from before it are copied into kept buffers,
+    and back when the update left a weight NaN or infinite (an infinite learning rate, an overflow)."""
+
+    def __init__(self, params: list, optimizers: list):
+        self.params, self.optimizers, self.saved = params, optimizers, None
+
+    def _state(self) -> list[tuple[dict, str]]:
+        return [(s, k) for o in self.optimizers for s in o.state.values() for k, v in s.items() if torch.is_tensor(v)]
+
+    def save(self) -> None:
+        entries = self._state()
+        tensors = [p.detach() for p in self.params] + [s[k] for s, k in entries]
+        if self.saved is None or len(self.saved) != len(tensors):  # the optimiser's state appears on its first step
+            self.saved = [t.clone() for t in tensors]
         else:
-            if whole_epoch and not readable:  # else the next epoch would be as empty, for ever
-                raise ValueError(f"none of the {len(skipped)} images in {cfg.data} could be read (see the warnings "
-                                 f"above for why)")
-            epoch, batch_in_epoch = epoch + 1, 0
-    progress.close()
+            copy_all(self.saved, tensors)
+        self.had_state = [set(o.state) for o in self.optimizers]
 
-    elapsed = time.time() - start
+    def finite(self) -> bool:
+        """Exact and cheap: one max-abs norm per tensor (NaN and inf propagate), one host sync."""
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf))).all())
+
+    def restore(self) -> None:
+        for optimizer, had in zip(self.optimizers, self.had_state):
+            for p in [p for p in optimizer.state if p not in had]:
+                del optimizer.state[p]  # state the failed step created
+        entries = self._state()
+        copy_all([p.detach() for p in self.params] + [s[k] for s, k in entries], self.saved)
+
+
+def copy_all(destinations: list, sources: list) -> None:
+    """One fused copy per device and dtype (Adam's step counters stay on the CPU when the weights are on a GPU)."""
+    groups: dict = {}
+    for d, s in zip(destinations, sources):
+        group = groups.setdefault((d.device, d.dtype, s.device), ([], []))
+        group[0].append(d)
+        group[1].append(s)
+    for d, s in groups.values():
+        torch._foreach_copy_(d, s)
+
+
+class LogWindow:
+    """Means of the logged values since the last log line, each over the micro-batches that have it (grad_norm
+    comes once per optimiser step, d_loss only after disc_start), and images/s over the same time."""
+
+    def __init__(self):
+        self.started = self.window_start = time.time()
+        self.images_seen, self.first, self.last = 0, {}, {}
+        self.sums, self.counts, self.images = {}, {}, 0
+
+    def add(self, logs: list[dict], images: int) -> None:
+        for micro_batch in logs:
+            for k, v in micro_batch.items():  # summed on the device: no host sync until a log line is written
+                self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
+                self.counts[k] = self.counts.get(k, 0) + 1
+        self.images += images
+        self.images_seen += images
+
+    def flush(self, **extra) -> dict:
+        now = time.time()
+        means = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+        means.update(images_per_sec=self.images / max(now - self.window_start, 1e-9), **extra)
+        self.first, self.last = self.first or means, means
+        self.sums, self.counts, self.images, self.window_start = {}, {}, 0, now
+        return means
+
+
+def write_log(run: Run, window: LogWindow, progress) -> None:
+    state = run.state
+    means = window.flush(lr=run.optimizer.param_groups[0]["lr"], skipped_files=len(state.skipped),
+                         nonfinite_steps=state.nonfinite_steps, epoch=state.epoch)
+    if run.ema is not None:
+        means["ema_decay"] = run.ema.cur_decay_value
+    run.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=state.step)
+    progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
+
+
+def stop_reason(run: Run, signals: StopSignals, started: float) -> tuple[bool, int]:
+    """(stop after this step, the signal that asked for it or 0), the same on every process."""
+    cfg, accelerator = run.cfg, run.accelerator
+    late = cfg.max_minutes > 0 and time.time() - started >= cfg.max_minutes * 60
+    flags = torch.tensor([[signals.signum, int(late)]], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(flags)
+    signum, late = int(flags[:, 0].max()), bool(flags[:, 1].any())
+    return bool(signum or late or run.state.step >= cfg.max_steps), signum
+
+
+def interrupted(run: Run, signum: int) -> TrainingInterrupted:
+    several = run.accelerator.num_processes > 1
+    launcher = f"accelerate launch --num_processes {run.accelerator.num_processes} -m sdvae" if several else "sdvae"
+    return TrainingInterrupted(
+        f"{signal.Signals(signum).name}: stopped at step {run.state.step} with a checkpoint in "
+        f"{run.out / f'checkpoint-{run.state.step}'}; continue with: {launcher} train --config "
+        f"{run.out / 'config.yaml'} --resume latest", 128 + signum)
+
+
+def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
+    """Export (the EMA weights when kept), score the held-out images with them, write metrics.json."""
+    from .export import save_diffusers
+
+    cfg, accelerator, vae, out = run.cfg, run.accelerator, run.vae, run.out
+    elapsed = time.time() - window.started
     accelerator.wait_for_everyone()
-    metrics = {}
-    if main:
-        exported = "trained"
-        if ema is not None and cfg.export_ema:
-            ema.copy_to(vae_trained)
-            exported = "ema"
-        vae.save_pretrained(out / "vae", safe_serialization=True)
-        metrics = dict(steps=step, epochs=epoch, wall_seconds=round(elapsed, 1),
-                       images_per_sec=round(images_seen / max(elapsed, 1e-9), 2), images_seen=images_seen,
-                       skipped_files=len(skipped), skipped_file_names=sorted(skipped)[:1000],
-                       nonfinite_steps=nonfinite_steps, perceptual_loss=lpips_model is not None,
-                       discriminator=disc is not None, exported_weights=exported,
-                       processes=accelerator.num_processes, mixed_precision=cfg.mixed_precision,
-                       first_logged=first_logged, last_logged=last_logged, export=str(out / "vae"))
-        if val_batches:  # scored with the exported weights
-            metrics["validation"] = evaluate(vae, val_batches, accelerator.device)
-            if at_start:
-                metrics["validation_at_start"] = at_start
-        if preview is not None:
-            vae.eval()
-            comparison_grid(preview, reconstruct(vae, preview.to(accelerator.device))).save(out / "reconstructions.png")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return {}
+    exported = "trained"
+    if run.ema is not None and cfg.export_ema:
+        run.ema.copy_to(run.trained)
+        exported = "ema"
+    try:
+        save_diffusers(vae, out / "vae")
+    except Exception as e:  # a full disk, as OSError, torch's RuntimeError or a SafetensorError
+        raise write_failure(e, f"the export {out / 'vae'}", f"{last_good(out)} (export it with: sdvae export "
+                                                             f"{out} --out {out / 'vae'})") from None
+    state = run.state
+    metrics = dict(steps=state.step, epochs=state.epoch, wall_seconds=round(elapsed, 1),
+                   images_per_sec=round(window.images_seen / max(elapsed, 1e-9), 2), images_seen=window.images_seen,
+                   skipped_files=len(state.skipped), skipped_file_names=sorted(state.skipped)[:1000],
+                   nonfinite_steps=state.nonfinite_steps, perceptual_loss=run.perceptual,
+                   discriminator=run.disc is not None, exported_weights=exported,
+                   processes=accelerator.num_processes, mixed_precision=cfg.mixed_precision,
+                   first_logged=window.first, last_logged=window.last, export=str(out / "vae"))
+    if run.val_batches:  # scored with the exported weights
+        metrics["validation"] = evaluate(vae, run.val_batches, accelerator.device)
+        if at_start:
+            metrics["validation_at_start"] = at_start
+    if run.preview is not None:
+        vae.eval()
+        save_png(comparison_grid(run.preview, reconstruct(vae, run.preview.to(accelerator.device))),
+                 out / "reconstructions.png")
+    atomic_json(out / "metrics.json", metrics)
     return metrics
+
+
+def save_png(image, path: Path) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
 
 
 def load_validation(cfg: TrainConfig, train_dataset):
@@ -292,14 +554,14 @@ def evaluate(vae, batches, device) -> dict:
 
 
 @torch.no_grad()
-def write_preview(accelerator, model, preview, out: Path, step: int):
-    vae = accelerator.unwrap_model(model).vae
+def write_preview(run: Run) -> None:
+    vae, accelerator, step = run.vae, run.accelerator, run.state.step
     vae.eval()
-    reconstruction = reconstruct(vae, preview.to(accelerator.device))
+    reconstruction = reconstruct(vae, run.preview.to(accelerator.device))
     vae.train()
-    grid = comparison_grid(preview, reconstruction)
-    grid.save(out / "samples" / f"step-{step:07d}.png")
-    psnr = summarise(score(preview, reconstruction))["psnr_mean"]
+    grid = comparison_grid(run.preview, reconstruction)
+    save_png(grid, run.out / "samples" / f"step-{step:07d}.png")
+    psnr = summarise(score(run.preview, reconstruction))["psnr_mean"]
     accelerator.log({"preview/psnr": psnr}, step=step)
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)
     tracker.add_image("preview/input|reconstruction", np.asarray(grid), step, dataformats="HWC")
@@ -319,12 +581,6 @@ def build_discriminator(cfg: TrainConfig, accelerator) -> torch.nn.Module:
     return disc
 
 
-def out_of_time(accelerator, elapsed: float, max_minutes: float) -> bool:
-    if max_minutes <= 0:
-        return False
-    return not all_processes_agree(accelerator, elapsed < max_minutes * 60)  # all stop on the same step
-
-
 def all_processes_agree(accelerator, flag: bool) -> bool:
     """True only if `flag` is true on every process."""
     if accelerator.num_processes == 1:
@@ -342,64 +598,3 @@ def report_skipped(batch_skipped, skipped: set, limit: int) -> None:
             log.warning("skipped unreadable image %s (%s)", name, error)
         elif len(skipped) == limit + 1:
             log.warning("more unreadable images: counting them without naming each (see metrics.json)")
-
-
-def completed_checkpoints(out: Path) -> list[Path]:
-    """checkpoint-N folders that were fully written (they hold trainer_state.json), oldest first."""
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-def find_checkpoint(out: Path, resume: str) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"not a complete sdvae checkpoint: {path} (no trainer_state.json)")
-        return path
-    done = completed_checkpoints(out)
-    if not done:
-        raise FileNotFoundError(f"--resume latest: no checkpoint in {out}")
-    return done[-1]
-
-
-def set_aside_later_checkpoints(out: Path, step: int, say) -> None:
-    """A new run, or a resume from an earlier step, starts a new timeline: the later checkpoints of the old one
-    are renamed, not deleted, so that pruning cannot remove the new ones in their favour nor `resume=latest`
-    pick them."""
-    for later in completed_checkpoints(out):
-        if int(later.name.split("-")[1]) > step:
-            aside = later.with_name(f"superseded-{later.name}")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(later, aside)
-            say(f"{later} belongs to an earlier run (it is past step {step}, where this one starts): "
-                f"moved to {aside}")
-
-
-def save_checkpoint(accelerator, out: Path, step: int, keep: int, state: dict, ema=None):
-    """Write into a temporary folder, then rename: a run killed mid-write leaves no checkpoint-N to resume from."""
-    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema_state = ema.state_dict()
-            shadow = ema_state.pop("shadow_params")
-            save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, tmp / "ema.safetensors")
-            state = {**state, "ema": ema_state}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep > 0:
-            for old in completed_checkpoints(out)[:-keep]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def load_ema(ema, checkpoint: Path, ema_state: dict, device) -> None:
-    tensors = load_file(str(checkpoint / "ema.safetensors"))
-    ema.load_state_dict({**ema_state, "shadow_params": [tensors[str(i)] for i in range(len(tensors))]})
-    ema.to(device)

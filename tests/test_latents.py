@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -38,7 +39,10 @@ def test_one_process_equals_two_and_write(tmp_path, photos, vae_folder):
     """Batch size 1, so each image's fp32 latent is computed identically; only the float64 sums' order differs."""
     common = ["-m", "sdvae", "stats", "--vae", str(vae_folder), "--data", str(photos), "--resolution", "32",
               "--batch-size", "1"]
-    one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300)
+    # one thread as each launched process has (accelerate sets OMP_NUM_THREADS=1): convolutions blocked for other
+    # thread counts round differently in fp32
+    one = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     two = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", *common, "--write", "--shift"],
                          capture_output=True, text=True, timeout=300)

@@ -45,7 +45,7 @@ def one_pass(disc_weight=0.5):
 
 def test_generator_loss_never_reaches_the_discriminator_and_vice_versa():
     vae, disc, x, reconstruction, loss, nll = one_pass()
-    adversarial, logs = generator_term(disc, reconstruction, nll, vae.decoder.conv_out.weight, 0.5, 1.0)
+    adversarial, logs = generator_term(disc, reconstruction, nll, vae.decoder.conv_out.weight, 0.5)
     (loss + adversarial).backward(retain_graph=True)
     assert all(p.grad is None for p in disc.parameters())
     assert all(p.requires_grad for p in disc.parameters())  # unfrozen again for its own step
