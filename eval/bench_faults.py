@@ -72,7 +72,7 @@ def sigint_to_exit(data: Path, work: Path, tries: int) -> list[dict]:
         stderr = proc.communicate()[1]
         seconds = time.perf_counter() - sent
         last = stderr.strip().splitlines()[-1]
-        rows.append(dict(exit_code=proc.returncode, seconds=round(seconds, 2), message=last[:160]))
+        rows.append(dict(exit_code=proc.returncode, seconds=round(seconds, 2), message=last))
         print(rows[-1], flush=True)
     return rows
 

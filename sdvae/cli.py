@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         return args.run(args) or 0
     except TrainingInterrupted as e:
-        print(f"sdvae {args.command}: {e}", file=sys.stderr)  # the run's checkpoint and how to continue it
+        if e.announce:  # the run's checkpoint and how to continue it
+            print(f"sdvae {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except (ValueError, RuntimeError, OSError) as e:  # OSError: an output path that is a file, a missing input...
         if getattr(args, "debug", False):
@@ -188,9 +189,10 @@ def run_convert(args) -> int:
 
 def run_export(args) -> int:
     from .convert import load_pretrained_vae
-    from .export import fp16_check, save_diffusers, save_single_file
+    from .export import assert_finite, fp16_check, save_diffusers, save_single_file
 
     vae = load_pretrained_vae(args.source)
+    assert_finite(vae.state_dict(), args.source)  # before the fp16 check, which would blame fp16 for NaN weights
     check = None if args.no_fp16_check else fp16_check(vae)
     if check:
         print(f"fp16 decode check on {check['images']} photos at {check['size']} px: max difference "

@@ -146,6 +146,10 @@ class FolderLock:
             os.close(fd)
             raise FolderLocked(f"{self.folder} is in use by another sdvae {self.what} ({self.holder()}); wait "
                                f"for it to finish or use another folder") from None
+        except OSError as e:  # a file system without locks (some network mounts): run, but say what is lost
+            import warnings
+
+            warnings.warn(f"{self.folder} cannot be locked ({e}): a second {self.what} into it would not be stopped")
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         os.write(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started=started,

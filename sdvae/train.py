@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from .checkpoints import (TrainState, completed_checkpoints, find_checkpoint, has_discriminator, last_good, load_ema, save_checkpoint,
+from .checkpoints import (CheckpointError, TrainState, completed_checkpoints, find_checkpoint, has_discriminator, last_good, load_ema, save_checkpoint,
                           set_aside_later_checkpoints)
 from .config import TrainConfig, save_config
 from .convert import load_pretrained_vae
@@ -45,7 +47,7 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, out)
     set_seed(cfg.seed)  # model init; crops and posterior noise are seeded per (process, epoch, step)
-    with lock_run_folder(accelerator, out), StopSignals() as signals:
+    with lock_run_folder(accelerator, out), StopSignals(accelerator.is_main_process) as signals:
         try:
             run = build_run(cfg, accelerator)
             state, main = run.state, accelerator.is_main_process
@@ -122,11 +124,11 @@ class StopSignals:
     Another one exits at once, unless it comes within a second of the first: launchers (torchrun) forward the
     signal the terminal already sent to every process."""
 
-    def __init__(self):
-        self.signum, self.first_at, self.previous = 0, 0.0, {}
+    def __init__(self, announce: bool = True):
+        self.signum, self.first_at, self.previous, self.announce = 0, 0.0, {}, announce
 
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -138,17 +140,12 @@ class StopSignals:
     def _handle(self, signum, frame):
         if not self.signum:
             self.signum, self.first_at = signum, time.monotonic()
-            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                        f"(again to exit at once)\n".encode())
+            if self.announce:
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+                            f"(again to exit at once)\n".encode())
         elif time.monotonic() - self.first_at > 1.0:
             os.write(2, f"{signal.Signals(signum).name} again: exiting without a checkpoint\n".encode())
             os._exit(128 + signum)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -160,7 +157,7 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 @dataclass
 class Run:
-    """What a training step needs, prepared by Accelerate; built once by build_run. Tests build one too."""
+    """What a training step needs, prepared by Accelerate; built once by build_run."""
     cfg: TrainConfig
     accelerator: Accelerator
     out: Path
@@ -180,7 +177,7 @@ class Run:
     val_batches: list = field(default_factory=list)
     perceptual: bool = False
 
-    @property
+    @functools.cached_property
     def trained(self) -> list:
         parameters = dict(self.vae.named_parameters())
         return [parameters[n] for n in self.trained_names]
@@ -216,14 +213,16 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     if checkpoint is not None and not late_disc:
         accelerator.load_state(str(checkpoint))
     state = TrainState.read(checkpoint) if checkpoint is not None else TrainState()
-    if checkpoint is not None:
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     vae = accelerator.unwrap_model(model).vae
     trained_names = [n for n, p in vae.named_parameters() if p.requires_grad]
     guarded = params + (list(disc.parameters()) if disc is not None else [])
     run = Run(cfg, accelerator, Path(cfg.output_dir), model, vae, optimizer, loader, criterion, params, trained_names,
               state, StepGuard(guarded, [optimizer] + ([disc_optimizer] if disc is not None else [])), disc,
               disc_optimizer, preview=preview, val_batches=val_batches, perceptual=lpips_model is not None)
+    if checkpoint is not None:
+        if not run.guard.finite():  # written by something other than this loop, which never saves such weights
+            raise CheckpointError(f"cannot resume from {checkpoint}: its weights hold NaN or inf")
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
     if cfg.ema_decay > 0:  # over the trained parameters only: a frozen encoder stays bit-identical
         # made after the resume, so EMA turned on at resume averages from the resumed weights
         run.ema = EMAModel(run.trained, decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup)
@@ -388,16 +387,23 @@ class StepGuard:
             self.saved = [t.clone() for t in tensors]
         else:
             copy_all(self.saved, tensors)
-        self.had_state = [set(o.state) for o in self.optimizers]
+        self.had_state = [{p: set(s) for p, s in o.state.items()} for o in self.optimizers]
 
     def finite(self) -> bool:
-        """Exact and cheap: one max-abs norm per tensor (NaN and inf propagate), one host sync."""
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf))).all())
+        """Exact and cheap: a NaN or inf makes its tensor's 2-norm non-finite, so finite norms settle it with one
+        fused reduction; only a non-finite norm (which huge finite weights can also give) looks element-wise."""
+        tensors = [p.detach() for p in self.params]
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+            return True
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def restore(self) -> None:
         for optimizer, had in zip(self.optimizers, self.had_state):
-            for p in [p for p in optimizer.state if p not in had]:
-                del optimizer.state[p]  # state the failed step created
+            for p, state in list(optimizer.state.items()):  # state the failed step created goes
+                if p not in had:
+                    del optimizer.state[p]
+                for key in set(state) - had.get(p, set()):
+                    del state[key]
         entries = self._state()
         copy_all([p.detach() for p in self.params] + [s[k] for s, k in entries], self.saved)
 
@@ -466,7 +472,7 @@ def interrupted(run: Run, signum: int) -> TrainingInterrupted:
     return TrainingInterrupted(
         f"{signal.Signals(signum).name}: stopped at step {run.state.step} with a checkpoint in "
         f"{run.out / f'checkpoint-{run.state.step}'}; continue with: {launcher} train --config "
-        f"{run.out / 'config.yaml'} --resume latest", 128 + signum)
+        f"{run.out / 'config.yaml'} --resume latest", 128 + signum, run.accelerator.is_main_process)
 
 
 def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
@@ -482,11 +488,8 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
     if run.ema is not None and cfg.export_ema:
         run.ema.copy_to(run.trained)
         exported = "ema"
-    try:
+    with reported_write(f"the export {out / 'vae'}", out):
         save_diffusers(vae, out / "vae")
-    except Exception as e:  # a full disk, as OSError, torch's RuntimeError or a SafetensorError
-        raise write_failure(e, f"the export {out / 'vae'}", f"{last_good(out)} (export it with: sdvae export "
-                                                             f"{out} --out {out / 'vae'})") from None
     state = run.state
     metrics = dict(steps=state.step, epochs=state.epoch, wall_seconds=round(elapsed, 1),
                    images_per_sec=round(window.images_seen / max(elapsed, 1e-9), 2), images_seen=window.images_seen,
@@ -499,12 +502,24 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
         metrics["validation"] = evaluate(vae, run.val_batches, accelerator.device)
         if at_start:
             metrics["validation_at_start"] = at_start
-    if run.preview is not None:
-        vae.eval()
-        save_png(comparison_grid(run.preview, reconstruct(vae, run.preview.to(accelerator.device))),
-                 out / "reconstructions.png")
-    atomic_json(out / "metrics.json", metrics)
+    with reported_write("metrics.json and reconstructions.png", out):
+        if run.preview is not None:
+            vae.eval()
+            save_png(comparison_grid(run.preview, reconstruct(vae, run.preview.to(accelerator.device))),
+                     out / "reconstructions.png")
+        atomic_json(out / "metrics.json", metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def reported_write(what: str, out: Path):
+    """A failed write (a full disk: OSError, torch's RuntimeError, a SafetensorError) as one line that says what
+    is still intact and how to export from it."""
+    try:
+        yield
+    except Exception as e:
+        raise write_failure(e, what, f"{last_good(out)} (export it with: sdvae export {out} --out "
+                                     f"{out / 'vae'})") from None
 
 
 def save_png(image, path: Path) -> None:
@@ -560,7 +575,10 @@ def write_preview(run: Run) -> None:
     reconstruction = reconstruct(vae, run.preview.to(accelerator.device))
     vae.train()
     grid = comparison_grid(run.preview, reconstruction)
-    save_png(grid, run.out / "samples" / f"step-{step:07d}.png")
+    try:
+        save_png(grid, run.out / "samples" / f"step-{step:07d}.png")
+    except OSError as e:  # a preview is not worth the run; a full disk is reported by the next checkpoint
+        log.warning("preview for step %d not written: %s", step, e)
     psnr = summarise(score(run.preview, reconstruction))["psnr_mean"]
     accelerator.log({"preview/psnr": psnr}, step=step)
     tracker = accelerator.get_tracker("tensorboard", unwrap=True)

@@ -103,9 +103,9 @@ def test_export_and_convert_refuse_non_finite_weights(tmp_path, vae_dir, capsys)
                  ["export", str(tmp_path / "nan-vae"), "--format", "single-file", "--out", str(tmp_path / "v.safetensors")],
                  ["convert", str(tmp_path / "nan-vae"), str(tmp_path / "c.safetensors")]):
         assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "decoder.conv_out.weight" in err and "non-finite" in err
-        assert "fp16" not in err
+        out, err = capsys.readouterr()
+        assert len(err.strip().splitlines()) == 1 and "decoder.conv_out.weight" in err and "non-finite" in err
+        assert "fp16" not in out + err
     assert not any(p.exists() for p in (tmp_path / "out", tmp_path / "v.safetensors", tmp_path / "c.safetensors"))
 
 
@@ -277,3 +277,68 @@ def test_stale_temporaries_of_killed_runs_are_removed_at_start(tmp_path, photos,
     train(config(tmp_path, photos, max_steps=1, checkpoint_every=1))
     assert not list(run.glob(".*tmp")) and not list(run.glob(".deleting-*"))
     assert ".checkpoint-9.tmp" in capsys.readouterr().out
+
+
+def test_under_several_processes_a_signal_stops_all_of_them_on_the_same_step(tmp_path):
+    from tests.test_processes import ACCELERATE
+
+    data = write_photos(tmp_path / "photos", size=48)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdvae", "train", *COMMON,
+                             f"data={data}", "max_steps=1000", "num_workers=0", f"output_dir={run}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(run / "checkpoint-2" / "trainer_state.json", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C; the launcher forwards it again
+    _, stderr = proc.communicate(timeout=120)
+    newest = completed_checkpoints(run)[-1]
+    step = json.loads((newest / "trainer_state.json").read_text())["step"]
+    stopped = [line for line in stderr.splitlines() if "stopped at step" in line]
+    assert stopped == [f"sdvae train: SIGINT: stopped at step {step} with a checkpoint in {newest}; continue with: "
+                       f"accelerate launch --num_processes 2 -m sdvae train --config {run / 'config.yaml'} "
+                       f"--resume latest"], stderr[-3000:]
+    assert {p.name for p in newest.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert checkpoint_problem(newest) is None and not list(run.glob(".*.tmp"))
+
+
+def test_the_step_guard_undoes_weights_and_optimiser_state_exactly():
+    from sdvae.train import StepGuard
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64))
+    optimizer = torch.optim.Adam([weight], lr=1e-2)
+    guard = StepGuard([weight], [optimizer])
+    for step in range(2):  # the first step creates Adam's state: undoing it must remove that state again
+        before = weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}
+        weight.grad = torch.randn(64)
+        guard.save()
+        optimizer.param_groups[0]["lr"] = float("inf")
+        optimizer.step()
+        assert not guard.finite()
+        guard.restore()
+        assert torch.equal(weight, before[0]) and optimizer.state[weight].keys() == before[1].keys()
+        assert all(torch.equal(optimizer.state[weight][k], v) for k, v in before[1].items())
+        optimizer.param_groups[0]["lr"] = 1e-2
+        optimizer.step()  # a good step, so that the second round starts with state
+    with torch.no_grad():
+        weight[0] = 1e30  # finite, though its 2-norm overflows: still finite
+    assert guard.finite()
+
+
+def test_non_finite_weights_are_refused_at_resume_and_as_init_from(tmp_path, photos, vae_dir):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    train(config(tmp_path, photos, max_steps=3))
+    model = tmp_path / "run" / "checkpoint-3" / "model.safetensors"
+    state = load_file(model)
+    state["vae.decoder.conv_in.weight"][0] = float("nan")
+    save_file(state, model, metadata={"format": "pt"})  # well-formed, same size: only its values are wrong
+    with pytest.raises(CheckpointError, match="checkpoint-3.*NaN"):
+        train(config(tmp_path, photos, max_steps=6, resume="latest"))
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        vae.encoder.conv_in.bias[0] = float("inf")
+    vae.save_pretrained(tmp_path / "inf-vae")
+    with pytest.raises(ValueError, match="encoder.conv_in.bias"):
+        train(config(tmp_path, photos, max_steps=1, init_from=str(tmp_path / "inf-vae"), output_dir=str(tmp_path / "b")))
