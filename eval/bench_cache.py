@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 from sdvae.cache import bucket_sizes, build_cache, nearest_bucket  # noqa: E402
 from sdvae.codec import load_vae  # noqa: E402
 from sdvae.data import list_images  # noqa: E402
-from sdvae.export import DTYPES  # noqa: E402
+from sdvae.sources import as_dtype  # noqa: E402
 from sdvae.models import build_vae  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -69,7 +69,7 @@ def run(setups, work: Path, device: str, args) -> list[dict]:
         if model not in codecs:
             torch.manual_seed(0)
             build_vae(model).save_pretrained(work / model)
-            codecs[model] = load_vae(str(work / model), device, DTYPES[args.dtype])
+            codecs[model] = load_vae(str(work / model), device, as_dtype(args.dtype))
         codec = codecs[model]
         folder, resolution = DATASETS[dataset]
         data = subset(folder, count, work)

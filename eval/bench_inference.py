@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from sdvae.sources import DTYPE_NAMES as DTYPES  # noqa: E402
 
 
 def timed(fn, budget_s: float):

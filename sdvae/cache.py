@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import list_images, open_image, seed_for
-from .export import DTYPES
+from .sources import dtype_name
 from .files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", fli
 
     if crop not in ("center", "random"):
         raise ValueError(f"crop must be center or random, got {crop!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = dtype_name(dtype)  # the name, as cache keys have it
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be at least 1")
     sizes = bucket_sizes(resolution, buckets)
@@ -178,7 +177,7 @@ def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", fli
     num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
     start = time.time()
     codec = vae if isinstance(vae, VAECodec) else load_vae(
-        vae, device or ("cuda" if torch.cuda.is_available() else "cpu"), DTYPES[dtype])
+        vae, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
     settings = dict(resolution=resolution, crop=crop, flip=flip, buckets=buckets, dtype=dtype,
                     seed=seed if crop == "random" else None, format=FORMAT)
     vae_hash = encoder_hash(codec.model)

@@ -231,7 +231,7 @@ def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
     `vae/` would hold, for a run that was interrupted before its export."""
     from diffusers import AutoencoderKL
 
-    from .convert import load_strict
+    from .sources import load_strict
 
     try:
         checkpoint = find_checkpoint(run, "latest")

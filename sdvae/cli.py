@@ -180,7 +180,7 @@ def run_train(args) -> int:
 
 
 def run_convert(args) -> int:
-    from .export import convert
+    from .convert import convert
 
     direction, out = convert(args.source, args.out, args.dtype)
     print(f"{direction}: {out}")
@@ -188,7 +188,7 @@ def run_convert(args) -> int:
 
 
 def run_export(args) -> int:
-    from .convert import load_pretrained_vae
+    from .sources import load_pretrained_vae
     from .export import assert_finite, fp16_check, save_diffusers, save_single_file
 
     vae = load_pretrained_vae(args.source)
@@ -211,7 +211,7 @@ def run_stats(args) -> int:
 
     from accelerate import PartialState
 
-    from .convert import load_pretrained_vae
+    from .sources import load_pretrained_vae
     from .latents import config_path, latent_statistics, write_factors
     from .train import several_processes_without_gpu
 
@@ -240,8 +240,6 @@ def run_stats(args) -> int:
 
 def run_codec(args) -> int:
     from .codec import decode_files, encode_files, load_vae
-    from .export import DTYPES
-
     import torch
 
     missing = [p for p in args.inputs if not Path(p).exists()]
@@ -250,7 +248,7 @@ def run_codec(args) -> int:
     if args.command == "decode":
         _check_latent_files(args.inputs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    codec = load_vae(args.vae, device, DTYPES[args.dtype], compile=args.compile, tile_size=args.tile_size)
+    codec = load_vae(args.vae, device, args.dtype, compile=args.compile, tile_size=args.tile_size)
     if args.command == "encode":
         done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled)
         for line in skipped:
@@ -283,11 +281,10 @@ def run_cache(args) -> int:
 
 def run_eval(args) -> int:
     from .evaluate import evaluate, markdown_table, parse_vae_specs
-    from .export import DTYPES
 
     result = evaluate(parse_vae_specs(args.vae), args.data, args.out, resolution=args.resolution,
                       full_size=args.full_size, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
-                      device=args.device, dtype=DTYPES[args.dtype], max_images=args.max_images,
+                      device=args.device, dtype=args.dtype, max_images=args.max_images,
                       lpips_weights=args.lpips_weights, fid_weights=args.fid_weights, use_lpips=not args.no_lpips,
                       use_fid=not args.no_fid, download=not args.no_download, grid_images=args.grid_images,
                       split=args.split, image_column=args.image_column)

@@ -155,9 +155,9 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
 
     fp16 honours the config's `force_upcast` as diffusers pipelines do: the decoder then stays fp32 (the SD VAE's
     decoder overflows fp16 at high resolution) while the encoder runs in fp16."""
-    from .convert import load_pretrained_vae
+    from .sources import as_dtype, load_pretrained_vae
 
-    device = torch.device(device)
+    dtype, device = as_dtype(dtype), torch.device(device)
     model = load_pretrained_vae(str(path)).to(device).eval()
     if device.type == "cpu" and dtype != torch.float32 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
         warnings.warn(f"{dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native 16-bit "

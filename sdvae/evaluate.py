@@ -152,7 +152,9 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     """Score every VAE on the same images and write metrics.json, per_image.csv, table.md, grid.png and
     psnr.png to `out`. Returns what metrics.json holds."""
     from .codec import load_vae
+    from .sources import as_dtype
 
+    dtype = as_dtype(dtype)
     total, sources = image_sources(data, split, image_column)
     if not full_size and resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {resolution}")

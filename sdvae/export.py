@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from .convert import SINGLE_FILE_SUFFIXES, diffusers_to_ldm, load_pretrained_vae, load_single_file
+from .convert import diffusers_to_ldm
+from .sources import as_dtype
 from .files import atomic_folder, atomic_write
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP16_BOUND = 4 * 2 / 255  # four 8-bit levels, on the [-1, 1] scale
 
 
@@ -66,7 +66,7 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
         raise IsADirectoryError(f"{path} is a folder; the single file needs a file name (e.g. {path / 'vae.safetensors'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     assert_finite(vae.state_dict(), f"{source or 'the VAE'}")
-    state = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    state = {k: v.detach().to(as_dtype(dtype)).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
     architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
     if fp16 is not None:  # what the check measured, as in save_diffusers; loaders read it from the architecture
         architecture["force_upcast"] = fp16["force_upcast"]
@@ -91,26 +91,9 @@ def save_diffusers(vae, folder: str | Path, dtype: str = "fp32", fp16: dict | No
     assert_finite(vae.state_dict(), f"the VAE for {folder}")
     if fp16 is not None:
         vae.register_to_config(force_upcast=fp16["force_upcast"])
-    if dtype != "fp32":  # (diffusers' own .to() warns about an empty fp32 module list)
-        torch.nn.Module.to(vae, DTYPES[dtype])
+    if as_dtype(dtype) != torch.float32:  # (diffusers' own .to() warns about an empty fp32 module list)
+        torch.nn.Module.to(vae, as_dtype(dtype))
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(folder) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
     return Path(folder)
-
-
-def convert(source: str | Path, out: str | Path, dtype: str = "fp32") -> tuple[str, Path]:
-    """Convert between layouts, detecting the input's: LDM single file -> diffusers folder,
-    diffusers (folder or bare state dict) -> LDM single file. Returns (direction, output path)."""
-    source = Path(source)
-    if source.is_file():
-        vae, layout = load_single_file(source, return_layout=True)
-        if layout == "ldm":
-            if Path(out).suffix in SINGLE_FILE_SUFFIXES:  # would be a folder called x.safetensors
-                raise ValueError(f"{source} is already an LDM single file; convert writes it as a diffusers folder, "
-                                 f"not {out}. For a VAE-only single file: sdvae export {source} --format single-file "
-                                 f"--out {out}")
-            return "ldm -> diffusers", save_diffusers(vae, out, dtype)
-    else:
-        vae = load_pretrained_vae(str(source))
-    return "diffusers -> ldm", save_single_file(vae, out, dtype, source=str(source))

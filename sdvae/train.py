@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoints import (CheckpointError, TrainState, completed_checkpoints, find_checkpoint, has_discriminator, last_good, load_ema, save_checkpoint,
                           set_aside_later_checkpoints)
 from .config import TrainConfig, save_config
-from .convert import load_pretrained_vae
+from .sources import load_pretrained_vae
 from .data import build_dataset, collate, seed_for
 from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term

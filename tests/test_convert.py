@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from sdvae.convert import config_from_state, diffusers_to_ldm, ldm_to_diffusers, modernise_diffusers_keys
+from sdvae.convert import diffusers_to_ldm, ldm_to_diffusers, modernise_diffusers_keys
+from sdvae.sources import config_from_state
 from sdvae.models import build_vae, preset_config
 
 
@@ -69,7 +70,7 @@ def test_export_single_file_has_metadata_and_fp16(tmp_path):
 def test_bad_keys_are_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 
-    from sdvae.convert import load_single_file
+    from sdvae.sources import load_single_file
 
     state = {k: v.contiguous() for k, v in diffusers_to_ldm(build_vae("tiny").state_dict()).items()}
     del state["decoder.conv_out.bias"]
@@ -82,7 +83,7 @@ def test_bad_keys_are_a_clear_error(tmp_path):
 def test_single_files_keep_the_factors_shapes_cannot_tell(tmp_path):
     from safetensors.torch import save_file
 
-    from sdvae.convert import load_single_file
+    from sdvae.sources import load_single_file
     from sdvae.export import save_single_file
 
     vae = build_vae("tiny")
@@ -105,7 +106,7 @@ def test_what_the_shapes_tell_is_read_from_a_bare_file(tmp_path):
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
-    from sdvae.convert import load_single_file
+    from sdvae.sources import load_single_file
 
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=8, layers_per_block=1,
@@ -137,7 +138,7 @@ def sixteen_channel_vae():
 def test_whole_checkpoints_give_their_family_s_factors(tmp_path, marker, prefix, vae, factors):
     from safetensors.torch import save_file
 
-    from sdvae.convert import load_single_file
+    from sdvae.sources import load_single_file
 
     vae = build_vae("tiny") if vae == "tiny" else sixteen_channel_vae()
     whole = {prefix + k: v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
@@ -154,7 +155,7 @@ def test_playground_checkpoints_keep_their_latent_mean_and_std(tmp_path):
     """Playground v2.5 is SDXL-shaped but normalises latents per channel: (z - mean) * 0.5 / std (diffusers' reading)."""
     from safetensors.torch import save_file
 
-    from sdvae.convert import load_single_file
+    from sdvae.sources import load_single_file
 
     ldm = diffusers_to_ldm(build_vae("tiny").state_dict())
     whole = {"first_stage_model." + k: v.contiguous() for k, v in ldm.items()}
@@ -168,7 +169,7 @@ def test_playground_checkpoints_keep_their_latent_mean_and_std(tmp_path):
 
 
 def test_single_file_export_records_the_measured_force_upcast(tmp_path):
-    from sdvae.convert import load_single_file
+    from sdvae.sources import load_single_file
     from sdvae.export import save_single_file
 
     vae = build_vae("tiny")
@@ -180,7 +181,7 @@ def test_single_file_export_records_the_measured_force_upcast(tmp_path):
 def test_a_diffusers_weights_file_reads_the_config_beside_it(tmp_path):
     """The tiny preset's 8 norm groups are in config.json only; the shapes would load as SD's 32, wrongly."""
     from sdvae.cli import main
-    from sdvae.convert import load_single_file
+    from sdvae.sources import load_single_file
 
     torch.manual_seed(0)
     vae = build_vae("tiny").eval()
@@ -196,7 +197,7 @@ def test_a_diffusers_weights_file_reads_the_config_beside_it(tmp_path):
 
 
 def test_a_garbage_checkpoint_is_a_clear_error(tmp_path):
-    from sdvae.convert import read_state_dict
+    from sdvae.sources import read_state_dict
 
     (tmp_path / "garbage.ckpt").write_bytes(b"PK\x03\x04 not a checkpoint at all" * 10)
     with pytest.raises(ValueError, match="garbage.ckpt is not a readable torch checkpoint"):

@@ -50,8 +50,8 @@ def test_one_process_equals_two_and_write(tmp_path, photos, vae_folder):
     a, b = (json.loads(out.stdout[:out.stdout.rindex("}") + 1]) for out in (one, two))
     assert a["images"] == b["images"] == len(list(photos.iterdir()))
     for key in ("mean", "std", "scaling_factor"):
-        assert a[key] == pytest.approx(b[key], rel=1e-9)
-    assert a["channel_std"] == pytest.approx(b["channel_std"], rel=1e-9)
+        assert a[key] == pytest.approx(b[key], rel=1e-6)  # the encoder's fp32 rounding (seen up to 3e-7 under load)
+    assert a["channel_std"] == pytest.approx(b["channel_std"], rel=1e-6)
     config = json.loads((vae_folder / "config.json").read_text())
     assert config["scaling_factor"] == pytest.approx(b["scaling_factor"]) and config["shift_factor"] == b["shift_factor"]
     assert "proposed scaling_factor" in one.stdout

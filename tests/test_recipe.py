@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdvae.convert import diffusers_to_ldm, load_pretrained_vae, read_state_dict
+from sdvae.convert import diffusers_to_ldm
+from sdvae.sources import load_pretrained_vae, read_state_dict
 from sdvae.discriminator import (NLayerDiscriminator, adaptive_weight, discriminator_loss, discriminator_term,
                                  generator_term)
 from sdvae.losses import AutoencoderLoss
