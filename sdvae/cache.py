@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .data import list_images, open_image, seed_for
 from .sources import dtype_name
-from .files import atomic_write
+from .files import FolderLock, atomic_write, describe_error, printable
+from .images import pixels_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +89,20 @@ def plan_crop(size: tuple[int, int], bucket: tuple[int, int], random_crop: bool 
 class _Crops(Dataset):
     """Decoding, resizing and cropping, done in DataLoader workers while the main process encodes."""
 
-    def __init__(self, files, seeds, buckets, random_crop):
+    def __init__(self, files, seeds, buckets, random_crop, max_pixels=None):
         self.files, self.seeds, self.buckets, self.random_crop = files, seeds, buckets, random_crop
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            image = open_image(self.files[i])  # RGB as a viewer shows it (EXIF rotation applied)
+            image = open_image(self.files[i], self.max_pixels)  # RGB as a viewer shows it (EXIF rotation applied)
             plan = plan_crop(image.size, nearest_bucket(image.size, self.buckets), self.random_crop, self.seeds[i])
             image = image.resize(plan["resized_size"], Image.Resampling.LANCZOS).crop(plan["crop_box"])
         except Exception as e:  # truncated, empty, not an image: skipped and reported, never the end of the run
-            return dict(index=i, error=f"{type(e).__name__}: {e}")
+            return dict(index=i, error=describe_error(e))
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8: a quarter of fp32 between processes
         return dict(index=i, pixels=pixels, **plan)
 
@@ -160,7 +162,7 @@ def _check_shard(root: Path, shard: dict) -> str | None:
 def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", flip: bool = False,
                 buckets: bool = True, batch_size: int = 8, num_workers: int | None = None, shard_size: int = 1024,
                 dtype: str = "fp32", device: str | None = None, seed: int = 0, on_shard=None,
-                progress: bool = True) -> dict:
+                progress: bool = True, max_pixels: int | None = None) -> dict:
     """Encode the images under `data` into the cache folder `out`, reusing what is cached there; returns the
     report (also written to out/report.json). `vae` is a path or a loaded `VAECodec` (then `dtype` should name
     its precision: it is part of the key); `on_shard(record)` is called after each shard is written."""
@@ -182,62 +184,63 @@ def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", fli
                     seed=seed if crop == "random" else None, format=FORMAT)
     vae_hash = encoder_hash(codec.model)
     current, skipped = _keys(files, data, f"{vae_hash}|{json.dumps(settings, sort_keys=True)}", num_workers)
-    shards, todo, reused, damaged = _reuse(out, current)
-    writer = _ShardWriter(out, dict(format=FORMAT, settings=settings, vae_hash=vae_hash, shards=shards), on_shard)
+    with FolderLock(out, "cache-latents run"):  # two runs into one cache would replace each other's shards
+        shards, todo, reused, damaged = _reuse(out, current)
+        writer = _ShardWriter(out, dict(format=FORMAT, settings=settings, vae_hash=vae_hash, shards=shards), on_shard)
 
-    # workers prepare the crops; here they are batched by bucket, encoded, and gathered into shards
-    keys = list(todo)  # identical files share a key and are encoded once
-    firsts = [current[todo[k][0]] for k in keys]
-    seeds = [seed_for(seed, int(digest[:15], 16)) for _, digest, _ in firsts]  # random crops follow the content
-    loader = DataLoader(_Crops([path for path, _, _ in firsts], seeds, sizes, crop == "random"),
-                        batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
-                        worker_init_fn=_one_thread)
-    pending, rows = defaultdict(list), defaultdict(list)  # bucket -> crops to encode / encoded rows
-    bar = tqdm(total=len(keys), desc="cache-latents", unit="img", disable=not progress)
+        # workers prepare the crops; here they are batched by bucket, encoded, and gathered into shards
+        keys = list(todo)  # identical files share a key and are encoded once
+        firsts = [current[todo[k][0]] for k in keys]
+        seeds = [seed_for(seed, int(digest[:15], 16)) for _, digest, _ in firsts]  # random crops follow the content
+        loader = DataLoader(_Crops([path for path, _, _ in firsts], seeds, sizes, crop == "random", max_pixels),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
+                            worker_init_fn=_one_thread)
+        pending, rows = defaultdict(list), defaultdict(list)  # bucket -> crops to encode / encoded rows
+        bar = tqdm(total=len(keys), desc="cache-latents", unit="img", disable=not progress)
 
-    def encode(bucket):
-        items, pending[bucket] = pending[bucket], []
-        x = torch.stack([it.pop("pixels") for it in items]).float() / 127.5 - 1  # rows keep only metadata
-        mean, std = codec.posterior(torch.cat([x, x.flip(-1)]) if flip else x)
-        for j, it in enumerate(items):
-            it["paths"], it["key"] = todo[keys[it["index"]]], keys[it["index"]]
-            tensors = dict(mean=mean[j], std=std[j])
-            if flip:  # the mirrored crop's own latents (mirroring the latents would not give them)
-                tensors.update(mean_flipped=mean[len(items) + j], std_flipped=std[len(items) + j])
-            rows[bucket].append((it, tensors))
-        bar.update(len(items))
-        while len(rows[bucket]) >= shard_size:
-            writer.write(bucket, rows[bucket][:shard_size])
-            rows[bucket] = rows[bucket][shard_size:]
+        def encode(bucket):
+            items, pending[bucket] = pending[bucket], []
+            x = pixels_to_tensor(torch.stack([it.pop("pixels") for it in items]))  # rows keep only metadata
+            mean, std = codec.posterior(torch.cat([x, x.flip(-1)]) if flip else x)
+            for j, it in enumerate(items):
+                it["paths"], it["key"] = todo[keys[it["index"]]], keys[it["index"]]
+                tensors = dict(mean=mean[j], std=std[j])
+                if flip:  # the mirrored crop's own latents (mirroring the latents would not give them)
+                    tensors.update(mean_flipped=mean[len(items) + j], std_flipped=std[len(items) + j])
+                rows[bucket].append((it, tensors))
+            bar.update(len(items))
+            while len(rows[bucket]) >= shard_size:
+                writer.write(bucket, rows[bucket][:shard_size])
+                rows[bucket] = rows[bucket][shard_size:]
 
-    loop_start = time.time()
-    encoded = 0
-    with bar:
-        for items in loader:
-            for it in items:
-                if "error" in it:
-                    skipped += [dict(path=rel, reason=it["error"]) for rel in todo[keys[it["index"]]]]
-                    bar.update(1)
-                    continue
-                pending[it["bucket"]].append(it)
-                encoded += 1
-                if len(pending[it["bucket"]]) == batch_size:
-                    encode(it["bucket"])
-        for bucket in [b for b in pending if pending[b]]:
-            encode(bucket)
-        for bucket in [b for b in rows if rows[b]]:
-            writer.write(bucket, rows[bucket])
-    loop_seconds = time.time() - loop_start
+        loop_start = time.time()
+        encoded = 0
+        with bar:
+            for items in loader:
+                for it in items:
+                    if "error" in it:
+                        skipped += [dict(path=rel, reason=it["error"]) for rel in todo[keys[it["index"]]]]
+                        bar.update(1)
+                        continue
+                    pending[it["bucket"]].append(it)
+                    encoded += 1
+                    if len(pending[it["bucket"]]) == batch_size:
+                        encode(it["bucket"])
+            for bucket in [b for b in pending if pending[b]]:
+                encode(bucket)
+            for bucket in [b for b in rows if rows[b]]:
+                writer.write(bucket, rows[bucket])
+        loop_seconds = time.time() - loop_start
 
-    report = dict(images=len(files), encoded=encoded, reused=reused, skipped=len(skipped),
-                  cached=sum(len(s["entries"]) for s in writer.index["shards"]), shards=len(writer.index["shards"]),
-                  damaged_shards=damaged, images_per_sec=round(encoded / loop_seconds, 3) if encoded else None,
-                  encode_seconds=round(loop_seconds, 2), seconds=round(time.time() - start, 2),
-                  settings=dict(settings, batch_size=batch_size, num_workers=num_workers, shard_size=shard_size,
-                                device=str(codec.device), data=str(data)),
-                  vae_hash=vae_hash, skipped_files=skipped)
-    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
-    return report
+        report = dict(images=len(files), encoded=encoded, reused=reused, skipped=len(skipped),
+                      cached=sum(len(s["entries"]) for s in writer.index["shards"]), shards=len(writer.index["shards"]),
+                      damaged_shards=damaged, images_per_sec=round(encoded / loop_seconds, 3) if encoded else None,
+                      encode_seconds=round(loop_seconds, 2), seconds=round(time.time() - start, 2),
+                      settings=dict(settings, batch_size=batch_size, num_workers=num_workers, shard_size=shard_size,
+                                    device=str(codec.device), data=str(data)),
+                      vae_hash=vae_hash, skipped_files=skipped)
+        atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+        return report
 
 
 def _keys(files: list[Path], data: Path, salt: str, threads: int) -> tuple[dict, list]:

@@ -7,43 +7,103 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import field_names, load_config, parse_overrides
+from .config import field_names, load_config, parse_overrides, read_config_file
 from .errors import TrainingInterrupted
+from .files import printable
+from .images import MAX_PIXELS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sdvae", description="Train and use Stable-Diffusion-style KL autoencoders.")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
+    try:
+        check_flags(args)
+        return args.run(args) or 0
+    except TrainingInterrupted as e:
+        if e.announce:  # the run's checkpoint and how to continue it
+            print(f"sdvae {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"sdvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the one boundary: every error is one line here, the traceback only with --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"sdvae {args.command}: error: {describe(e)}", file=sys.stderr)
+        return 2
+
+
+def describe(error: Exception) -> str:
+    """One line: our own messages as they are; a foreign error with its type, and where to see more."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, RuntimeError, OSError)) and type(error).__module__ in ("builtins", "sdvae") \
+            or type(error).__module__.startswith("sdvae."):
+        return text
+    return f"{type(error).__name__}: {text} (--debug shows where)"
+
+
+def check_flags(args) -> None:
+    for flag in ("batch_size", "resolution", "max_images", "tile_size", "shard_size", "max_pixels"):
+        value = getattr(args, flag, None)  # 0 would end in a ZeroDivisionError or a bare range() error
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "grid_images", 0) < 0:
+        raise ValueError(f"--grid-images must be 0 or more, got {args.grid_images}")
+    if args.command in ("stats", "cache-latents", "eval") and not getattr(args, "full_size", False) \
+            and args.resolution % 8:
+        raise ValueError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of its one-line message")
+    vae = argparse.ArgumentParser(add_help=False)
+    vae.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    device.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="VAE precision")
+    images = argparse.ArgumentParser(add_help=False)
+    images.add_argument("--max-pixels", type=int, default=None,
+                        help=f"images larger than this are skipped (default {MAX_PIXELS:,}); raise it for panoramas")
+
+    parser = argparse.ArgumentParser(prog="sdvae", description="Train and use Stable-Diffusion-style KL autoencoders.",
+                                     parents=[common])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = commands.add_parser(
-        "train", help="train or fine-tune a VAE (no data given: a ~3 minute CPU demo on built-in photos)",
-        description="Train a VAE. Settings come from --config FILE, then key=value overrides. "
-                    f"Keys: {', '.join(field_names())}.")
+    def command(name, run, parents=(), **kw):
+        sub = commands.add_parser(name, parents=[common, *parents], **kw)
+        sub.set_defaults(run=run)
+        return sub
+
+    train = command("train", run_train,
+                    help="train or fine-tune a VAE (no data given: a ~3 minute CPU demo on built-in photos)",
+                    description="Train a VAE. Settings come from --config FILE, then key=value overrides. "
+                                f"Keys: {', '.join(field_names())}.")
     train.add_argument("--config", help="YAML file of settings (see train/configs/)")
     train.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the config file")
-    train.set_defaults(run=run_train)
 
-    convert = commands.add_parser(
-        "convert", help="convert a VAE between the diffusers and the original LDM layout (detects the input's)",
-        description="LDM single file (.safetensors, or .ckpt/.pt read with weights_only=True; whole SD/SDXL "
-                    "checkpoints too) -> diffusers folder; diffusers folder or state dict -> LDM single file.")
+    convert = command("convert", run_convert,
+                      help="convert a VAE between the diffusers and the original LDM layout (detects the input's)",
+                      description="LDM single file (.safetensors, or .ckpt/.pt read with weights_only=True; whole "
+                                  "SD/SDXL checkpoints too) -> diffusers folder; diffusers folder or state dict -> LDM "
+                                  "single file.")
     convert.add_argument("source")
     convert.add_argument("out")
     convert.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    convert.set_defaults(run=run_convert)
 
-    export = commands.add_parser("export", help="export a run's (or any) VAE as a diffusers folder or a single file")
+    export = command("export", run_export, help="export a run's (or any) VAE as a diffusers folder or a single file")
     export.add_argument("source", help="run folder, diffusers folder or single file")
     export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"])
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     export.add_argument("--no-fp16-check", action="store_true",
                         help="skip the fp16 decode check that sets force_upcast")
-    export.set_defaults(run=run_export)
 
-    stats = commands.add_parser("stats", help="measure latent mean/std on a dataset; propose scaling/shift factors")
-    stats.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
+    stats = command("stats", run_stats, [vae, images],
+                    help="measure latent mean/std on a dataset; propose scaling/shift factors")
     stats.add_argument("--data", required=True, help="image folder or Hugging Face dataset")
     stats.add_argument("--resolution", type=int, default=256, help="centre-crop size (default 256)")
     stats.add_argument("--batch-size", type=int, default=8)
@@ -51,16 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--mode", action="store_true", help="use the posterior mean instead of samples")
     stats.add_argument("--write", action="store_true", help="write scaling_factor (and shift_factor) to config.json")
     stats.add_argument("--shift", action="store_true", help="with --write: also write shift_factor (SD3/FLUX)")
-    stats.set_defaults(run=run_stats)
 
     for name, helptext in (("encode", "images (files or folders) -> latent files, one .safetensors per image"),
                            ("decode", "latent files written by `sdvae encode` -> PNG images at their original size")):
-        sub = commands.add_parser(name, help=helptext)
+        sub = command(name, run_codec, [vae, device] + ([images] if name == "encode" else []), help=helptext)
         sub.add_argument("inputs", nargs="+")
-        sub.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
         sub.add_argument("--out", required=True)
-        sub.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-        sub.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
         sub.add_argument("--tiled", action=argparse.BooleanOptionalAction, default=None,
                          help="seam-free tiling (whole-image GroupNorm statistics, same result as untiled); "
                               "default: only when the untiled pass would not fit in memory")
@@ -68,14 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--compile", action="store_true", help="torch.compile the network (slow first image)")
         if name == "encode":
             sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
-        sub.set_defaults(run=run_codec)
 
-    cache = commands.add_parser(
-        "cache-latents", help="encode an image folder once into a resumable latent cache for diffusion training",
-        description="Resize and crop each image to an aspect-ratio bucket and store the VAE posterior's mean and std "
-                    "(unscaled) in safetensors shards with an index; re-running reuses what is cached and encodes "
-                    "only new or changed images. Load with sdvae.cache.LatentCache.")
-    cache.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
+    cache = command("cache-latents", run_cache, [vae, device, images],
+                    help="encode an image folder once into a resumable latent cache for diffusion training",
+                    description="Resize and crop each image to an aspect-ratio bucket and store the VAE posterior's "
+                                "mean and std (unscaled) in safetensors shards with an index; re-running reuses what "
+                                "is cached and encodes only new or changed images. Load with "
+                                "sdvae.cache.LatentCache.")
     cache.add_argument("--data", required=True, help="image folder (searched recursively)")
     cache.add_argument("--out", required=True, help="cache folder")
     cache.add_argument("--resolution", type=int, default=256, help="buckets of about resolution² pixels (default 256)")
@@ -85,16 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--batch-size", type=int, default=8)
     cache.add_argument("--num-workers", type=int, default=None, help="loader processes (default: min(4, CPUs))")
     cache.add_argument("--shard-size", type=int, default=1024, help="images per shard")
-    cache.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="encoder precision")
-    cache.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     cache.add_argument("--seed", type=int, default=0, help="seeds the random crops")
-    cache.set_defaults(run=run_cache)
 
-    ev = commands.add_parser(
-        "eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) of one or more VAEs side by side",
-        description="Score VAEs on the same images with the protocol of the published tables (sd-vae-ft-mse's "
-                    "model card): shorter side resized to --resolution, centre crop, posterior mode, decode, clamp, "
-                    "8 bits. Writes metrics.json, per_image.csv, table.md, grid.png and psnr.png to --out.")
+    ev = command("eval", run_eval, [device, images],
+                 help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) of one or more VAEs side by side",
+                 description="Score VAEs on the same images with the protocol of the published tables "
+                             "(sd-vae-ft-mse's model card): shorter side resized to --resolution, centre crop, "
+                             "posterior mode, decode, clamp, 8 bits. Writes metrics.json, per_image.csv, table.md, "
+                             "grid.png and psnr.png to --out.")
     ev.add_argument("--vae", action="append", required=True, metavar="[NAME=]PATH",
                     help="run folder, diffusers folder or single file; repeat to compare (NAME labels it)")
     ev.add_argument("--data", required=True,
@@ -109,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mode")
     ev.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (--sample)")
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    ev.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="VAE precision")
     ev.add_argument("--max-images", type=int, default=None, help="the first N readable images (sorted by path)")
     ev.add_argument("--lpips-weights", action="append", metavar="FOLDER_OR_FILE",
                     help="vgg16-397923af.pth / alexnet-owt-7be5be79.pth, or a folder holding them "
@@ -121,26 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--no-fid", action="store_true", help="skip rFID")
     ev.add_argument("--no-download", action="store_true", help="never download missing metric weights")
     ev.add_argument("--grid-images", type=int, default=3, help="images in grid.png (default 3, spread over the set)")
-    ev.set_defaults(run=run_eval)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
-    try:
-        for flag in ("batch_size", "resolution", "max_images", "tile_size", "shard_size"):
-            value = getattr(args, flag, None)  # 0 would end in a ZeroDivisionError or a bare range() error
-            if value is not None and value < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-        return args.run(args) or 0
-    except TrainingInterrupted as e:
-        if e.announce:  # the run's checkpoint and how to continue it
-            print(f"sdvae {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ValueError, RuntimeError, OSError) as e:  # OSError: an output path that is a file, a missing input...
-        if getattr(args, "debug", False):
-            raise
-        print(f"sdvae {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return parser
 
 
 def run_train(args) -> int:
@@ -153,7 +185,7 @@ def run_train(args) -> int:
     cfg = load_config(args.config, overrides)
     notice = None
     if cfg.data is None:
-        given = set(overrides) | set(_file_keys(args.config))
+        given = set(overrides) | set(read_config_file(args.config) if args.config else {})
         settings = {k: v for k, v in demo.SETTINGS.items() if k not in given}
         cfg = load_config(args.config, overrides, defaults=settings)
     if cfg.data is None:
@@ -223,7 +255,7 @@ def run_stats(args) -> int:
     vae = load_pretrained_vae(args.vae).to(state.device)
     current = vae.config.scaling_factor
     result = latent_statistics(vae, args.data, args.resolution, args.batch_size, args.max_images,
-                               sample=not args.mode, state=state)
+                               sample=not args.mode, state=state, max_pixels=args.max_pixels)
     if not state.is_main_process:
         return 0
     print(json.dumps(result, indent=2))
@@ -242,22 +274,22 @@ def run_codec(args) -> int:
     from .codec import decode_files, encode_files, load_vae
     import torch
 
-    missing = [p for p in args.inputs if not Path(p).exists()]
-    if missing:  # before the model loads, and before decode has written part of its output
+    missing = [printable(p) for p in args.inputs if not Path(p).exists()]
+    if missing:  # before the model loads
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
-    if args.command == "decode":
-        _check_latent_files(args.inputs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     codec = load_vae(args.vae, device, args.dtype, compile=args.compile, tile_size=args.tile_size)
     if args.command == "encode":
-        done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled)
-        for line in skipped:
-            print(f"skipped {line}", file=sys.stderr)
-        if not done:
-            raise ValueError(f"none of the images could be read ({len(skipped)} files, listed above)")
-        print(f"{done} latents in {args.out} ({len(skipped)} unreadable files skipped)")
+        done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled,
+                                     max_pixels=args.max_pixels)
     else:
-        print(f"{decode_files(codec, args.inputs, args.out, tiled=args.tiled)} images in {args.out}")
+        done, skipped = decode_files(codec, args.inputs, args.out, tiled=args.tiled)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    if not done:
+        raise ValueError(f"nothing to {args.command}: all {len(skipped)} files were skipped (listed above)")
+    print(f"{done} {'latents' if args.command == 'encode' else 'images'} in {printable(args.out)} "
+          f"({len(skipped)} files skipped{', listed above' if skipped else ''})")
     return 0
 
 
@@ -266,9 +298,10 @@ def run_cache(args) -> int:
 
     report = build_cache(args.vae, args.data, args.out, resolution=args.resolution, crop=args.crop, flip=args.flip,
                          buckets=not args.no_buckets, batch_size=args.batch_size, num_workers=args.num_workers,
-                         shard_size=args.shard_size, dtype=args.dtype, device=args.device, seed=args.seed)
+                         shard_size=args.shard_size, dtype=args.dtype, device=args.device, seed=args.seed,
+                         max_pixels=args.max_pixels)
     for item in report["skipped_files"][:20]:
-        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+        print(f"skipped {printable(item['path'])}: {item['reason']}", file=sys.stderr)
     for shard in report["damaged_shards"]:
         print(f"damaged shard {shard['file']} ({shard['reason']}): its images were encoded again", file=sys.stderr)
     if not report["cached"]:  # README: "no images at all is an error"
@@ -287,34 +320,12 @@ def run_eval(args) -> int:
                       device=args.device, dtype=args.dtype, max_images=args.max_images,
                       lpips_weights=args.lpips_weights, fid_weights=args.fid_weights, use_lpips=not args.no_lpips,
                       use_fid=not args.no_fid, download=not args.no_download, grid_images=args.grid_images,
-                      split=args.split, image_column=args.image_column)
+                      split=args.split, image_column=args.image_column, max_pixels=args.max_pixels)
     print(markdown_table(result))
     for item in result["skipped_files"][:20]:
-        print(f"skipped {item['path']}: {item['reason']}", file=sys.stderr)
+        print(f"skipped {printable(item['path'])}: {item['reason']}", file=sys.stderr)
     print(f"written to {args.out}: metrics.json, per_image.csv, table.md, grid.png, psnr.png")
     return 0
-
-
-def _check_latent_files(inputs: list[str]) -> None:
-    """Every file decode would read must be a latent file of `sdvae encode`: found out before any image is written."""
-    from safetensors import safe_open
-
-    for item in map(Path, inputs):
-        for path in sorted(item.rglob("*.safetensors")) if item.is_dir() else [item]:
-            try:
-                with safe_open(str(path), "pt") as f:
-                    ok = "latent" in f.keys()
-            except Exception:  # not safetensors at all
-                ok = False
-            if not ok:
-                raise ValueError(f"{path} is not a latent file written by `sdvae encode` (no 'latent' tensor)")
-
-
-def _file_keys(path) -> list[str]:
-    if path is None:
-        return []
-    import yaml
-    return list((yaml.safe_load(open(path)) or {}).keys())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Images <-> latents with a trained VAE: `codec = sdvae.load_vae(path); z = codec.encode(images)`."""
 from __future__ import annotations
 
+import io
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -11,27 +12,51 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, open_image, to_rgb
+from .files import atomic_write, describe_error, printable
+from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, require_regular_file, tensor_to_pixels, to_rgb
 from .tiling import default_budget, tiled_decode, tiled_encode, untiled_bytes
 
 
 def to_tensor(image) -> torch.Tensor:
-    """A PIL image, an HxWx3 uint8 array or a (3, H, W) tensor in [-1, 1] -> (3, H, W) float in [-1, 1]."""
+    """A PIL image, an HxWx3 uint8 array or a (3, H, W) float tensor in [-1, 1] -> (3, H, W) float in [-1, 1]."""
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image tensors must be (3, H, W) in [-1, 1], got {tuple(image.shape)}")
-        return image.float()
+        return check_range(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"numpy images must be uint8 (H, W[, 3]), got {image.dtype}")
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected PIL images, uint8 arrays or tensors, got {type(image).__name__}")
-    return torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).float() / 127.5 - 1
+    return pixels_to_tensor(to_rgb(image))
+
+
+def check_range(x: torch.Tensor) -> torch.Tensor:
+    """Tensors are images in [-1, 1]: 8-bit or 0-1 pixels given as tensors would encode as something else."""
+    if not x.is_floating_point():
+        raise TypeError(f"image tensors must be floats in [-1, 1], got {x.dtype} (8-bit pixels: x / 127.5 - 1)")
+    low, high = float(x.min()), float(x.max())
+    if not (-1.01 <= low and high <= 1.01):  # NaN fails too
+        raise ValueError(f"image tensors must hold values in [-1, 1], got [{low:.4g}, {high:.4g}]"
+                         + (" (0-255 pixels: x / 127.5 - 1)" if high > 2 else ""))
+    return x.float()
+
+
+def check_tile_size(tile_size) -> None:
+    if tile_size is not None and not (isinstance(tile_size, int) and tile_size >= 8):
+        raise ValueError(f"tile_size must be a whole number of pixels, at least 8, got {tile_size!r}")
+
+
+def as_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or a torch.device, got {device!r}") from None
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
@@ -95,11 +120,16 @@ class VAECodec:
         posterior mean unless `sample=True`.
         `tiled`: None tiles only when the untiled pass would not fit in memory; True/False force it. Tiling is
         seam-free: it matches the untiled result up to float rounding (sdvae.tiling)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        check_tile_size(tile_size)
         if isinstance(images, torch.Tensor) and images.ndim == 4:
-            if images.shape[1] != 3:
+            if images.shape[1] != 3 or 0 in images.shape:
                 raise ValueError(f"image batches must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-            x = images.float()
+            x = check_range(images)
         else:
+            if isinstance(images, (list, tuple)) and not images:
+                raise ValueError("encode got no images (an empty list)")
             tensors = [to_tensor(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
             sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
             if len(sizes) > 1:
@@ -127,6 +157,16 @@ class VAECodec:
         [-1, 1])."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be pil, np or pt, got {output_type!r}")
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"decode takes a (B, C, h, w) latent tensor, got {type(latents).__name__}")
+        channels = self.model.config.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != channels or 0 in latents.shape:
+            raise ValueError(f"latents must be (B, {channels}, h, w) for this VAE, got {tuple(latents.shape)}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents hold NaN or inf values")
+        if size is not None and not (len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise ValueError(f"size must be (width, height), two positive integers, got {size!r}")
+        check_tile_size(tile_size)
         z = latents.float()
         if scaled:
             shift, scale = self._shift_scale(z)
@@ -141,7 +181,7 @@ class VAECodec:
             x = x[..., : size[1], : size[0]]
         if output_type == "pt":
             return x.cpu()
-        array = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        array = tensor_to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
         return array if output_type == "np" else [Image.fromarray(a) for a in array]
 
 
@@ -157,7 +197,11 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     decoder overflows fp16 at high resolution) while the encoder runs in fp16."""
     from .sources import as_dtype, load_pretrained_vae
 
-    dtype, device = as_dtype(dtype), torch.device(device)
+    dtype, device = as_dtype(dtype), as_device(device)
+    check_tile_size(tile_size)
+    if max_memory is not None and not (isinstance(max_memory, int) and max_memory > 0):
+        raise ValueError(f"max_memory must be a positive number of bytes (or None for 60% of free memory), "
+                         f"got {max_memory!r}")
     model = load_pretrained_vae(str(path)).to(device).eval()
     if device.type == "cpu" and dtype != torch.float32 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
         warnings.warn(f"{dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native 16-bit "
@@ -178,56 +222,93 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     return VAECodec(model, device, dtype, decode_dtype, tile_size, max_memory)
 
 
-def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True, tiled: bool | None = None) -> tuple[int, list]:
-    """Each image -> OUT/<name>.safetensors holding `latent` and its original size (a folder's subfolders are
-    kept, so that images of the same name do not overwrite each other); unreadable files are skipped and
-    returned by name."""
-    files = []  # (image, its latent file under OUT)
+def list_inputs(inputs: list, suffixes: tuple, out_suffix: str) -> list[tuple[Path, Path]]:
+    """(file, its output's name): the files given, and the files with these suffixes in the folders given (with
+    their subfolders, so that files of the same name in two subfolders do not overwrite each other). Names that
+    two inputs would share are refused before anything is written."""
+    files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += [(p, p.relative_to(item).with_suffix(".safetensors")) for p in sorted(item.rglob("*"))
-                      if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+            files += [(p, p.relative_to(item).with_suffix(out_suffix)) for p in sorted(item.rglob("*"))
+                      if p.suffix.lower() in suffixes and p.is_file()]
         else:
-            files.append((item, Path(item.name).with_suffix(".safetensors")))
+            files.append((item, Path(item.name).with_suffix(out_suffix)))
     if not files:
-        raise ValueError(f"no images in {', '.join(map(str, inputs))}")
+        raise ValueError(f"no {' / '.join(suffixes)} files in {', '.join(printable(p) for p in inputs)}")
     names = Counter(name for _, name in files)
-    clashes = [str(path) for path, name in files if names[name] > 1]
-    if clashes:  # a.png and a.jpg, or two inputs holding the same names: one latent file would overwrite another
-        raise ValueError(f"images that would write the same latent file: {', '.join(clashes)}")
+    clashes = [printable(path) for path, name in files if names[name] > 1]
+    if clashes:  # a.png and a.jpg, or two inputs holding the same names: one output would overwrite another
+        raise ValueError(f"files that would write the same output: {', '.join(clashes)}")
+    return files
+
+
+def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True, tiled: bool | None = None,
+                 max_pixels: int | None = None) -> tuple[int, list]:
+    """Each image -> OUT/<name>.safetensors holding `latent` and its original size. A file that cannot be read,
+    encoded or written is skipped and returned by name with the reason; the others are encoded."""
+    files = list_inputs(inputs, IMAGE_EXTENSIONS, ".safetensors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     skipped, done = [], 0
     for path, name in tqdm(files, desc="encode", unit="img"):
         try:
-            image = open_image(path)
-        except Exception as e:
-            skipped.append(f"{path}: {type(e).__name__}: {e}")
-            continue
-        z = codec.encode(image, scaled=scaled, tiled=tiled)[0].contiguous()
-        meta = {"width": str(image.width), "height": str(image.height), "scaled": str(scaled), "source": str(path)}
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latent": z}, str(out / name), metadata=meta)
-        done += 1
+            image = open_image(path, max_pixels)
+            z = codec.encode(image, scaled=scaled, tiled=tiled)[0].contiguous()
+            meta = {"width": str(image.width), "height": str(image.height), "scaled": str(scaled),
+                    "source": printable(path)}
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / name, safetensors_bytes({"latent": z}, metadata=meta))
+            done += 1
+        except Exception as e:  # this file only: the batch goes on
+            skipped.append(f"{printable(path)}: {describe_error(e)}")
     return done, skipped
 
 
-def decode_files(codec: VAECodec, inputs: list, out, tiled: bool | None = None) -> int:
+def read_latent_file(path: Path, latent_channels: int) -> tuple[torch.Tensor, tuple[int, int] | None, bool]:
+    """(latent (C, h, w), the image's (width, height) or None, scaled) from a file of `encode_files`, checked."""
+    from .sources import safetensors_header
+
+    require_regular_file(path)
+    header = safetensors_header(path)
+    if "latent" not in header:
+        raise ValueError("not a latent file written by `sdvae encode` (no 'latent' tensor)")
+    meta = header.get("__metadata__") or {}
+    with safe_open(str(path), "pt") as f:
+        z = f.get_tensor("latent")
+    if z.ndim != 3 or z.shape[0] != latent_channels or 0 in z.shape or not z.is_floating_point():
+        raise ValueError(f"its latent is {tuple(z.shape)} {z.dtype}; this VAE decodes ({latent_channels}, h, w) floats")
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("its latent holds NaN or inf values")
+    size = None
+    if "width" in meta or "height" in meta:
+        try:
+            size = (int(meta["width"]), int(meta["height"]))
+        except (KeyError, ValueError):
+            raise ValueError(f"its stored size is incomplete or not whole numbers: width {meta.get('width')!r}, "
+                             f"height {meta.get('height')!r}") from None
+        if not (0 < size[0] <= 8 * z.shape[2] and 0 < size[1] <= 8 * z.shape[1]):
+            raise ValueError(f"its stored size {size[0]}x{size[1]} does not fit its {z.shape[2]}x{z.shape[1]} latent")
+    if meta.get("scaled", "True") not in ("True", "False"):
+        raise ValueError(f"its 'scaled' entry must be True or False, got {meta['scaled']!r}")
+    return z, size, meta.get("scaled", "True") == "True"
+
+
+def decode_files(codec: VAECodec, inputs: list, out, tiled: bool | None = None) -> tuple[int, list]:
     """OUT/<name>.png for each latent file written by `encode_files` (in the same subfolders), at the image's
-    original size."""
-    files = []  # (latent file, its image under OUT)
-    for item in map(Path, inputs):
-        files += [(p, p.relative_to(item).with_suffix(".png")) for p in sorted(item.rglob("*.safetensors"))] \
-            if item.is_dir() else [(item, Path(item.name).with_suffix(".png"))]
-    if not files:
-        raise ValueError(f"no .safetensors latents in {', '.join(map(str, inputs))}")
+    original size. A file that is not such a latent file, or holds bad values, is skipped and returned by name."""
+    files = list_inputs(inputs, (".safetensors",), ".png")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    skipped, done = [], 0
     for path, name in tqdm(files, desc="decode", unit="img"):
-        with safe_open(str(path), "pt") as f:
-            z, meta = f.get_tensor("latent"), f.metadata() or {}
-        size = (int(meta["width"]), int(meta["height"])) if "width" in meta else None
-        image = codec.decode(z[None], size=size, tiled=tiled, scaled=meta.get("scaled", "True") == "True")[0]
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        image.save(out / name)
-    return len(files)
+        try:
+            z, size, scaled = read_latent_file(path, codec.model.config.latent_channels)
+            image = codec.decode(z[None], size=size, tiled=tiled, scaled=scaled)[0]
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            atomic_write(out / name, buffer.getvalue())
+            done += 1
+        except Exception as e:
+            skipped.append(f"{printable(path)}: {describe_error(e)}")
+    return done, skipped

@@ -33,6 +33,7 @@ class TrainConfig:
     val_max_images: int = 64
     resolution: int = 256
     random_flip: bool = True
+    max_pixels: int = 100_000_000  # images with more pixels are skipped and counted, before they are decoded
     num_workers: int = 2
 
     # optimisation (Adam betas 0.5/0.9 as in the LDM recipe)
@@ -140,7 +141,7 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     # log_every / sample_every divide the step count: 0 would crash the run after its first step
     for key in ("resolution", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every",
-                "log_every", "sample_every"):
+                "log_every", "sample_every", "max_pixels"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {getattr(cfg, key)}")
     if cfg.resolution % 8:
@@ -169,16 +170,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """defaults < YAML file < overrides."""
     values = dict(defaults or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of config keys")
-        values.update(loaded)
+        values.update(read_config_file(path))
     if overrides:
         values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     return build_config(values)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML mapping of config keys; a syntax error or a key that is not a name is one error with its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+        loaded = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys (key: value lines), not a {type(loaded).__name__}")
+    for node, _ in yaml.compose(text).value:  # the same mapping, with the lines of its keys
+        if not isinstance(yaml.safe_load(yaml.serialize(node)), str):
+            raise ValueError(f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: config keys are "
+                             f"names, got {node.value!r}")
+    return loaded
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -1,62 +1,22 @@
 """Training images: a local folder or a Hugging Face dataset, made safe for real-world files.
 
-Every image becomes 8-bit RGB the way a viewer would show it (EXIF rotation applied, transparency
-composited on white, 16-bit scaled down, CMYK converted). A file that cannot be decoded is skipped and
-counted, never a crash: the dataset returns None for it and `collate` reports it.
+Every image becomes 8-bit RGB the way a viewer would show it (sdvae.images). A file that cannot be decoded (or is
+over max_pixels) is skipped and counted, never a crash: the dataset returns None for it and `collate` reports it.
 """
 from __future__ import annotations
 
 import copy
-import io
 import logging
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
+
+from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, resize_crop
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB. Loads the pixels, so truncated files raise here."""
-    image.load()
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit / 32-bit greyscale: PIL's own convert("L") clips instead of scaling
-        a = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        if image.mode == "F" and a.max() <= 1.0:
-            peak = 1.0
-        image = Image.fromarray(np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
-        # palettes, and PNG's colour-keyed transparency (tRNS) on L / RGB: the transparent pixels become alpha
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    if image.mode != "RGB":
-        image = image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
-    return image
-
-
-def open_image(source) -> Image.Image:
-    """A path, bytes, a `datasets` image dict or a PIL image -> RGB PIL image."""
-    if isinstance(source, Image.Image):
-        return to_rgb(source)
-    if isinstance(source, dict):  # datasets.Image(decode=False)
-        source = source.get("bytes") or source.get("path")
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(source) as image:
-            return to_rgb(image)
 
 
 def seed_for(*values: int) -> int:
@@ -75,26 +35,18 @@ class ImageTransform:
     same whatever the number of workers and after a resume.
     """
 
-    def __init__(self, resolution: int, random_flip: bool = True, random_crop: bool = True, seed: int = 0):
+    def __init__(self, resolution: int, random_flip: bool = True, random_crop: bool = True, seed: int = 0,
+                 max_pixels: int | None = None):
         self.resolution, self.random_flip, self.random_crop, self.seed = resolution, random_flip, random_crop, seed
+        self.max_pixels = max_pixels  # larger files are skipped before they are decoded (sdvae.images.MAX_PIXELS)
         self.epoch = 0
 
     def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
-        res = self.resolution
-        if min(image.size) < res:
-            scale = res / min(image.size)
-            size = (max(res, round(image.width * scale)), max(res, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        w, h = image.size
         rng = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, index))
-        if self.random_crop:
-            left, top = (int(torch.randint(n + 1, (1,), generator=rng)) for n in (w - res, h - res))
-        else:
-            left, top = (w - res) // 2, (h - res) // 2
-        image = image.crop((left, top, left + res, top + res))
+        image = resize_crop(image, self.resolution, "train", rng if self.random_crop else None)
         if self.random_flip and torch.rand(1, generator=rng).item() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+        return pixels_to_tensor(image)
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -121,15 +73,16 @@ class _ImageSource(Dataset):
     def centre_cropped(self):
         """The same images, centre-cropped and unflipped (for validation), without listing them again."""
         view = copy.copy(self)
-        view.transform = ImageTransform(self.transform.resolution, random_flip=False, random_crop=False)
+        view.transform = ImageTransform(self.transform.resolution, random_flip=False, random_crop=False,
+                                        max_pixels=self.transform.max_pixels)
         return view
 
 
 class ImageFolder(_ImageSource):
     def __init__(self, root, resolution: int, random_flip: bool = True, random_crop: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, max_pixels: int | None = None):
         self.files = list_images(root)
-        self.transform = ImageTransform(resolution, random_flip, random_crop, seed)
+        self.transform = ImageTransform(resolution, random_flip, random_crop, seed, max_pixels)
 
     def __len__(self):
         return len(self.files)
@@ -143,7 +96,7 @@ class ImageFolder(_ImageSource):
 
 def _load(source, name: str, transform, index: int):
     try:
-        return {"pixel_values": transform(open_image(source), index), "name": name}
+        return {"pixel_values": transform(open_image(source, transform.max_pixels), index), "name": name}
     except Exception as e:  # any undecodable file: count it, never kill the run
         return {"pixel_values": None, "name": name, "error": f"{type(e).__name__}: {e}"}
 
@@ -151,7 +104,8 @@ def _load(source, name: str, transform, index: int):
 class HFImageDataset(_ImageSource):
     """A map-style `datasets` dataset; images are decoded here so bad ones can be skipped."""
 
-    def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0):
+    def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0,
+                 max_pixels=None):
         import datasets
 
         if image_column not in dataset.column_names:
@@ -161,7 +115,7 @@ class HFImageDataset(_ImageSource):
         if isinstance(dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.column = dataset, image_column
-        self.transform = ImageTransform(resolution, random_flip, random_crop, seed)
+        self.transform = ImageTransform(resolution, random_flip, random_crop, seed, max_pixels)
 
     def __len__(self):
         return len(self.dataset)
@@ -174,14 +128,15 @@ class HFImageDataset(_ImageSource):
 
 
 class HFStreamingImageDataset(IterableDataset):
-    def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0):
+    def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0,
+                 max_pixels=None):
         import datasets
 
         if dataset.features is not None and image_column in dataset.features and isinstance(
                 dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.dataset, self.column = dataset, image_column
-        self.transform = ImageTransform(resolution, random_flip, random_crop, seed)
+        self.transform = ImageTransform(resolution, random_flip, random_crop, seed, max_pixels)
 
     def set_epoch(self, epoch: int):
         self.transform.epoch = epoch
@@ -195,11 +150,12 @@ class HFStreamingImageDataset(IterableDataset):
 
 
 def build_dataset(data: str, resolution: int, image_column: str = "image", split: str = "train",
-                  streaming: bool = False, random_flip: bool = True, random_crop: bool = True, seed: int = 0):
+                  streaming: bool = False, random_flip: bool = True, random_crop: bool = True, seed: int = 0,
+                  max_pixels: int | None = None):
     """A folder of images, or a `datasets` dataset by hub name or local path. Errors early on empty input."""
     path = Path(data)
     if path.is_dir() and not _looks_like_hf_dataset(path):
-        return ImageFolder(path, resolution, random_flip, random_crop, seed)
+        return ImageFolder(path, resolution, random_flip, random_crop, seed, max_pixels)
     import datasets
 
     try:
@@ -219,8 +175,8 @@ def build_dataset(data: str, resolution: int, image_column: str = "image", split
     if streaming and not isinstance(dataset, datasets.IterableDataset):
         dataset = dataset.to_iterable_dataset()
     if isinstance(dataset, datasets.IterableDataset):
-        return HFStreamingImageDataset(dataset, image_column, resolution, random_flip, random_crop, seed)
-    return HFImageDataset(dataset, image_column, resolution, random_flip, random_crop, seed)
+        return HFStreamingImageDataset(dataset, image_column, resolution, random_flip, random_crop, seed, max_pixels)
+    return HFImageDataset(dataset, image_column, resolution, random_flip, random_crop, seed, max_pixels)
 
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")

@@ -12,6 +12,7 @@ computed once, and only the images shown in the grid are kept in memory.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -22,7 +23,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .data import open_image
+from .files import atomic_json, atomic_write, describe_error, printable
+from .images import open_image, pixels_to_tensor, resize_crop
 from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
 from .metrics import build_fid_inception, fid_from_features, inception_features, psnr_batch, ssim_batch, summarise
 
@@ -47,16 +49,6 @@ def parse_vae_specs(specs: list[str]) -> dict[str, str]:
     return vaes
 
 
-def centre_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side resized to `resolution` (bicubic, antialiased), then the centre square."""
-    scale = resolution / min(image.size)
-    if scale != 1:
-        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
 def image_sources(data: str, split: str = "validation", image_column: str = "image"):
     """(number of images, iterator of (name, source)) for an image folder (names relative to it) or a `datasets`
     dataset: a `save_to_disk` folder, a folder of parquet files, or a hub name. Sources are read lazily."""
@@ -71,7 +63,8 @@ def image_sources(data: str, split: str = "validation", image_column: str = "ima
     return len(dataset), ((dataset.name(i), dataset.source(i)) for i in range(len(dataset)))
 
 
-def batches(sources, resolution: int, full_size: bool, batch_size: int, max_images: int | None, skipped: list):
+def batches(sources, resolution: int, full_size: bool, batch_size: int, max_images: int | None, skipped: list,
+            max_pixels: int | None = None):
     """Yield (names, uint8 (B, H, W, 3)) batches of one size from (name, source) pairs; unreadable images go to
     `skipped`, not the run."""
     pending: dict[tuple, list] = {}  # full size: one queue per image size, since a batch holds one size
@@ -79,13 +72,13 @@ def batches(sources, resolution: int, full_size: bool, batch_size: int, max_imag
     for name, source in sources:
         if max_images is not None and count >= max_images:
             break
-        where = str(source) if isinstance(source, Path) else name  # a file by its whole path, a row by column[i]
+        where = printable(source) if isinstance(source, Path) else name  # a file by its path, a row by column[i]
         try:
-            image = open_image(source)
+            image = open_image(source, max_pixels)
         except Exception as e:
-            skipped.append({"path": where, "reason": f"{type(e).__name__}: {e}"})
+            skipped.append({"path": where, "reason": describe_error(e)})
             continue
-        image = image if full_size else centre_crop(image, resolution)
+        image = image if full_size else resize_crop(image, resolution, "eval")
         array = np.asarray(image)
         if min(array.shape[:2]) < 11:
             skipped.append({"path": where, "reason": f"{image.width}x{image.height}: SSIM needs 11x11 pixels"})
@@ -148,7 +141,8 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
              sample: bool = False, seed: int = 0, batch_size: int = 8, device: str | None = None,
              dtype: torch.dtype = torch.float32, max_images: int | None = None, lpips_weights: list[str] | None = None,
              fid_weights: str | None = None, use_lpips: bool = True, use_fid: bool = True, download: bool = True,
-             grid_images: int = 3, split: str = "validation", image_column: str = "image") -> dict:
+             grid_images: int = 3, split: str = "validation", image_column: str = "image",
+             max_pixels: int | None = None) -> dict:
     """Score every VAE on the same images and write metrics.json, per_image.csv, table.md, grid.png and
     psnr.png to `out`. Returns what metrics.json holds."""
     from .codec import load_vae
@@ -180,9 +174,10 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     generators = {v: torch.Generator().manual_seed(seed) for v in vaes}  # each VAE draws the same noise
     skipped_files: list[dict] = []
     progress = tqdm(total=expected, desc="eval", unit="img")
-    for batch_names, inputs in batches(sources, resolution, full_size, batch_size, max_images, skipped_files):
+    for batch_names, inputs in batches(sources, resolution, full_size, batch_size, max_images, skipped_files,
+                                              max_pixels):
         h, w = inputs.shape[1:3]
-        x = torch.from_numpy(inputs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = pixels_to_tensor(inputs)
         real = torch.from_numpy(inputs).permute(0, 3, 1, 2).to(device)
         if inception is not None:
             features["input"].append(inception_features(inception, real))
@@ -199,7 +194,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
             values[v]["ssim"] += ssim_batch(real, fake).tolist()
             for metric, model in lpips_models.items():
                 with torch.no_grad():  # LPIPS takes [-1, 1]
-                    d = model(fake.float() / 127.5 - 1, real.float() / 127.5 - 1)
+                    d = model(pixels_to_tensor(fake), pixels_to_tensor(real))
                 values[v][metric] += d.flatten().tolist()
             if inception is not None:
                 features[v].append(inception_features(inception, fake))
@@ -240,13 +235,22 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     result = {"data": str(data), "images": len(names), "protocol": protocol, "vaes": summary,
               "skipped_metrics": skipped_metrics, "paired": paired, "notes": notes,
               "skipped_files": skipped_files}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_per_image(out / "per_image.csv", names, sizes, values)
-    (out / "table.md").write_text(markdown_table(result))
+    # every output whole or not at all, names escaped where they are not UTF-8: the scores exist now
+    atomic_json(out / "metrics.json", result)
+    atomic_write(out / "per_image.csv", per_image_csv(names, sizes, values))
+    atomic_write(out / "table.md", markdown_table(result))
     if shown:  # (name, input, {vae: reconstruction}) for each image in the grid
-        comparison_figure(list(shown.values()), list(vaes), values, names).save(out / "grid.png", optimize=True)
-    psnr_plot(values, result).savefig(out / "psnr.png", dpi=100)
+        atomic_write(out / "grid.png", png_bytes(comparison_figure(list(shown.values()), list(vaes), values, names)))
+    buffer = io.BytesIO()
+    psnr_plot(values, result).savefig(buffer, dpi=100, format="png")
+    atomic_write(out / "psnr.png", buffer.getvalue())
     return result
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
 
 
 def describe_protocol(resolution, full_size, sample, seed, dtype, device) -> dict:
@@ -276,14 +280,15 @@ def paired_difference(a: list[float], b: list[float], name_a: str, name_b: str, 
             "images": n}
 
 
-def write_per_image(path: Path, names, sizes, values):
+def per_image_csv(names, sizes, values) -> str:
     metrics = list(next(iter(values.values())))
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "width", "height", "vae"] + metrics)
-        for i, (name, (w, h)) in enumerate(zip(names, sizes)):
-            for v in values:
-                writer.writerow([name, w, h, v] + [f"{values[v][m][i]:.6g}" for m in metrics])
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["image", "width", "height", "vae"] + metrics)
+    for i, (name, (w, h)) in enumerate(zip(names, sizes)):
+        for v in values:
+            writer.writerow([printable(name), w, h, v] + [f"{values[v][m][i]:.6g}" for m in metrics])
+    return text.getvalue()
 
 
 def _pm(mean: float, std: float, digits: int) -> str:

@@ -117,6 +117,19 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
+def printable(path) -> str:
+    """A file name as text that can always be printed and stored: bytes that are not UTF-8 are escaped."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a skipped file's reason."""
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror  # not the path again: the caller names the file
+    return f"{type(error).__name__}: {text}" if not isinstance(error, ValueError) or not text else text
+
+
 def write_failure(error: BaseException, what: str, intact: str) -> RuntimeError:
     """One line for a failed write: what was being written, why, and what is still intact."""
     reason = "no space left on device" if is_disk_full(error) else f"{type(error).__name__}: {error}".splitlines()[0]

@@ -186,7 +186,7 @@ class Run:
 def build_run(cfg: TrainConfig, accelerator) -> Run:
     # Data first: a missing or empty dataset must fail before any model is built.
     dataset = build_dataset(cfg.data, cfg.resolution, cfg.image_column, cfg.data_split, cfg.streaming,
-                            cfg.random_flip, seed=cfg.seed)
+                            cfg.random_flip, seed=cfg.seed, max_pixels=cfg.max_pixels)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not isinstance(dataset, IterableDataset),
                         num_workers=cfg.num_workers, collate_fn=collate, drop_last=False,
                         worker_init_fn=ignore_stop_signals)
@@ -533,7 +533,7 @@ def load_validation(cfg: TrainConfig, train_dataset):
     (of the first training images when there is no `val_data`)."""
     if cfg.val_data:
         dataset = build_dataset(cfg.val_data, cfg.resolution, cfg.image_column, cfg.val_split,
-                                random_flip=False, random_crop=False)
+                                random_flip=False, random_crop=False, max_pixels=cfg.max_pixels)
     elif isinstance(train_dataset, IterableDataset):
         return None, []
     else:  # the training files, already listed, seen through centre crops

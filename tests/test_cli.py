@@ -87,14 +87,18 @@ def test_cache_of_only_unreadable_files_fails(vae_dir, not_images, tmp_path, cap
     assert "broken.png" in error(capsys)
 
 
-def test_decode_names_what_is_not_a_latent_file_before_writing(vae_dir, images, tmp_path, capsys):
+def test_decode_skips_and_names_what_is_not_a_latent_file(vae_dir, images, tmp_path, capsys):
     latents, out = tmp_path / "latents", tmp_path / "decoded"
     assert main(["encode", str(images), "--vae", str(vae_dir), "--out", str(latents)]) == 0
-    for wrong in (images / "astronaut.png", vae_dir / "diffusion_pytorch_model.safetensors", tmp_path / "nope"):
-        assert main(["decode", str(latents), str(wrong), "--vae", str(vae_dir), "--out", str(out)]) == 2
-        assert str(wrong) in error(capsys) and not out.exists()
-    assert main(["decode", str(latents), "--vae", str(vae_dir), "--out", str(out)]) == 0
+    picture = tmp_path / "picture.safetensors"
+    picture.write_bytes((images / "astronaut.png").read_bytes())
+    for wrong in (picture, vae_dir / "diffusion_pytorch_model.safetensors"):
+        assert main(["decode", str(latents), str(wrong), "--vae", str(vae_dir), "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert f"skipped {wrong}" in err and "Traceback" not in err
     assert Image.open(out / "astronaut.png").size == (37, 29) and Image.open(out / "coffee.png").size == (64, 48)
+    assert main(["decode", str(latents), str(tmp_path / "nope"), "--vae", str(vae_dir), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in error(capsys) and not (tmp_path / "o").exists()  # a missing input: before anything is written
 
 
 def test_sizes_below_one_are_flag_errors(vae_dir, images, tmp_path, capsys):

@@ -202,7 +202,7 @@ def test_encode_files_keeps_images_of_the_same_name_apart(tmp_path, codec):
     photo(40, 32).save(images / "a.png")
     photo(24, 48).save(images / "sub" / "a.png")  # same name, other folder: not overwritten by the first
     assert encode_files(codec, [images], tmp_path / "latents") == (2, [])
-    assert decode_files(codec, [tmp_path / "latents"], tmp_path / "out") == 2
+    assert decode_files(codec, [tmp_path / "latents"], tmp_path / "out") == (2, [])
     assert Image.open(tmp_path / "out" / "a.png").size == (40, 32)
     assert Image.open(tmp_path / "out" / "sub" / "a.png").size == (24, 48)
     photo(40, 32).save(images / "a.jpg")  # would write a.safetensors too: refused before anything is encoded
