@@ -119,7 +119,7 @@ def is_disk_full(error: BaseException) -> bool:
 
 def printable(path) -> str:
     """A file name as text that can always be printed and stored: bytes that are not UTF-8 are escaped."""
-    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def describe_error(error: BaseException) -> str:
