@@ -15,6 +15,7 @@ and the index are written atomically as shards fill, so a killed run continues w
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .data import list_images, open_image, seed_for
 from .sources import dtype_name
+from .config import check_at_least
 from .files import FolderLock, atomic_write, describe_error, printable
 from .images import pixels_to_tensor
 
@@ -159,41 +162,61 @@ def _check_shard(root: Path, shard: dict) -> str | None:
 
 # ---- building ----------------------------------------------------------------------------------------------
 
-def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", flip: bool = False,
-                buckets: bool = True, batch_size: int = 8, num_workers: int | None = None, shard_size: int = 1024,
-                dtype: str = "fp32", device: str | None = None, seed: int = 0, on_shard=None,
-                progress: bool = True, max_pixels: int | None = None) -> dict:
+@dataclass
+class CacheSettings:
+    """`sdvae cache-latents`' settings; the fields are its flags (`--no-buckets` is no_buckets)."""
+    resolution: int = 256  # buckets of about resolution^2 pixels
+    crop: str = "center"  # center | random
+    flip: bool = False  # also store the latents of the mirrored crops
+    no_buckets: bool = False  # one square bucket, resolution x resolution
+    batch_size: int = 8
+    num_workers: int | None = None  # loader processes (default: min(4, CPUs))
+    shard_size: int = 1024  # images per shard
+    dtype: str = "fp32"  # encoder precision
+    device: str | None = None
+    seed: int = 0  # seeds the random crops
+    max_pixels: int | None = None
+
+    def __post_init__(self):
+        check_at_least(self, resolution=8, batch_size=1, num_workers=0, shard_size=1, max_pixels=1)
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"crop must be center or random, got {self.crop!r}")
+        dtype_name(self.dtype)
+
+
+def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=None, progress: bool = True,
+                **flags) -> dict:
     """Encode the images under `data` into the cache folder `out`, reusing what is cached there; returns the
     report (also written to out/report.json). `vae` is a path or a loaded `VAECodec` (then `dtype` should name
-    its precision: it is part of the key); `on_shard(record)` is called after each shard is written."""
+    its precision: it is part of the key); settings are a CacheSettings or its fields as keywords;
+    `on_shard(record)` is called after each shard is written."""
+    s = dataclasses.replace(settings or CacheSettings(), **flags)
     from .codec import VAECodec, load_vae
 
-    if crop not in ("center", "random"):
-        raise ValueError(f"crop must be center or random, got {crop!r}")
-    dtype = dtype_name(dtype)  # the name, as cache keys have it
-    if batch_size < 1 or shard_size < 1:
-        raise ValueError("batch_size and shard_size must be at least 1")
-    sizes = bucket_sizes(resolution, buckets)
+    dtype = dtype_name(s.dtype)  # the name, as cache keys have it
+    sizes = bucket_sizes(s.resolution, not s.no_buckets)
     data, out = Path(data), Path(out)
     files = list_images(data)  # FileNotFoundError / ValueError (no images) before any model is loaded
-    num_workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    workers = min(4, os.cpu_count() or 1) if s.num_workers is None else s.num_workers
     start = time.time()
     codec = vae if isinstance(vae, VAECodec) else load_vae(
-        vae, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
-    settings = dict(resolution=resolution, crop=crop, flip=flip, buckets=buckets, dtype=dtype,
-                    seed=seed if crop == "random" else None, format=FORMAT)
+        vae, s.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
+    keyed = dict(resolution=s.resolution, crop=s.crop, flip=s.flip, buckets=not s.no_buckets, dtype=dtype,
+                    seed=s.seed if s.crop == "random" else None, format=FORMAT)
     vae_hash = encoder_hash(codec.model)
-    current, skipped = _keys(files, data, f"{vae_hash}|{json.dumps(settings, sort_keys=True)}", num_workers)
+    current, skipped = _keys(files, data, f"{vae_hash}|{json.dumps(keyed, sort_keys=True)}", workers)
     with FolderLock(out, "cache-latents run"):  # two runs into one cache would replace each other's shards
         shards, todo, reused, damaged = _reuse(out, current)
-        writer = _ShardWriter(out, dict(format=FORMAT, settings=settings, vae_hash=vae_hash, shards=shards), on_shard)
+        writer = _ShardWriter(out, dict(format=FORMAT, settings=keyed, vae_hash=vae_hash, shards=shards), on_shard)
 
         # workers prepare the crops; here they are batched by bucket, encoded, and gathered into shards
         keys = list(todo)  # identical files share a key and are encoded once
         firsts = [current[todo[k][0]] for k in keys]
-        seeds = [seed_for(seed, int(digest[:15], 16)) for _, digest, _ in firsts]  # random crops follow the content
-        loader = DataLoader(_Crops([path for path, _, _ in firsts], seeds, sizes, crop == "random", max_pixels),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list,
+        seeds = [seed_for(s.seed, int(digest[:15], 16)) for _, digest, _ in firsts]  # random crops follow the content
+        loader = DataLoader(_Crops([path for path, _, _ in firsts], seeds, sizes, s.crop == "random", s.max_pixels),
+                            batch_size=s.batch_size, num_workers=workers, collate_fn=_as_list,
                             worker_init_fn=_one_thread)
         pending, rows = defaultdict(list), defaultdict(list)  # bucket -> crops to encode / encoded rows
         bar = tqdm(total=len(keys), desc="cache-latents", unit="img", disable=not progress)
@@ -201,17 +224,17 @@ def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", fli
         def encode(bucket):
             items, pending[bucket] = pending[bucket], []
             x = pixels_to_tensor(torch.stack([it.pop("pixels") for it in items]))  # rows keep only metadata
-            mean, std = codec.posterior(torch.cat([x, x.flip(-1)]) if flip else x)
+            mean, std = codec.posterior(torch.cat([x, x.flip(-1)]) if s.flip else x)
             for j, it in enumerate(items):
                 it["paths"], it["key"] = todo[keys[it["index"]]], keys[it["index"]]
                 tensors = dict(mean=mean[j], std=std[j])
-                if flip:  # the mirrored crop's own latents (mirroring the latents would not give them)
+                if s.flip:  # the mirrored s.crop's own latents (mirroring the latents would not give them)
                     tensors.update(mean_flipped=mean[len(items) + j], std_flipped=std[len(items) + j])
                 rows[bucket].append((it, tensors))
             bar.update(len(items))
-            while len(rows[bucket]) >= shard_size:
-                writer.write(bucket, rows[bucket][:shard_size])
-                rows[bucket] = rows[bucket][shard_size:]
+            while len(rows[bucket]) >= s.shard_size:
+                writer.write(bucket, rows[bucket][:s.shard_size])
+                rows[bucket] = rows[bucket][s.shard_size:]
 
         loop_start = time.time()
         encoded = 0
@@ -224,7 +247,7 @@ def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", fli
                         continue
                     pending[it["bucket"]].append(it)
                     encoded += 1
-                    if len(pending[it["bucket"]]) == batch_size:
+                    if len(pending[it["bucket"]]) == s.batch_size:
                         encode(it["bucket"])
             for bucket in [b for b in pending if pending[b]]:
                 encode(bucket)
@@ -236,7 +259,7 @@ def build_cache(vae, data, out, resolution: int = 256, crop: str = "center", fli
                       cached=sum(len(s["entries"]) for s in writer.index["shards"]), shards=len(writer.index["shards"]),
                       damaged_shards=damaged, images_per_sec=round(encoded / loop_seconds, 3) if encoded else None,
                       encode_seconds=round(loop_seconds, 2), seconds=round(time.time() - start, 2),
-                      settings=dict(settings, batch_size=batch_size, num_workers=num_workers, shard_size=shard_size,
+                      settings=dict(keyed, batch_size=s.batch_size, num_workers=workers, shard_size=s.shard_size,
                                     device=str(codec.device), data=str(data)),
                       vae_hash=vae_hash, skipped_files=skipped)
         atomic_write(out / "report.json", json.dumps(report, indent=1).encode())

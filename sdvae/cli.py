@@ -43,15 +43,18 @@ def describe(error: Exception) -> str:
     return f"{type(error).__name__}: {text} (--debug shows where)"
 
 
+def from_flags(settings_class, args):
+    """A settings dataclass from the flags of the same names; it checks their values itself."""
+    return settings_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)})
+
+
 def check_flags(args) -> None:
-    for flag in ("batch_size", "resolution", "max_images", "tile_size", "shard_size", "max_pixels"):
+    """Values of the commands without a settings dataclass (eval's and cache-latents' check themselves)."""
+    for flag in ("batch_size", "resolution", "max_images", "tile_size", "max_pixels"):
         value = getattr(args, flag, None)  # 0 would end in a ZeroDivisionError or a bare range() error
-        if value is not None and value < 1:
+        if args.command not in ("eval", "cache-latents") and value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if getattr(args, "grid_images", 0) < 0:
-        raise ValueError(f"--grid-images must be 0 or more, got {args.grid_images}")
-    if args.command in ("stats", "cache-latents", "eval") and not getattr(args, "full_size", False) \
-            and args.resolution % 8:
+    if args.command == "stats" and args.resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}")
 
 
@@ -294,12 +297,9 @@ def run_codec(args) -> int:
 
 
 def run_cache(args) -> int:
-    from .cache import build_cache
+    from .cache import CacheSettings, build_cache
 
-    report = build_cache(args.vae, args.data, args.out, resolution=args.resolution, crop=args.crop, flip=args.flip,
-                         buckets=not args.no_buckets, batch_size=args.batch_size, num_workers=args.num_workers,
-                         shard_size=args.shard_size, dtype=args.dtype, device=args.device, seed=args.seed,
-                         max_pixels=args.max_pixels)
+    report = build_cache(args.vae, args.data, args.out, from_flags(CacheSettings, args))
     for item in report["skipped_files"][:20]:
         print(f"skipped {printable(item['path'])}: {item['reason']}", file=sys.stderr)
     for shard in report["damaged_shards"]:
@@ -313,14 +313,9 @@ def run_cache(args) -> int:
 
 
 def run_eval(args) -> int:
-    from .evaluate import evaluate, markdown_table, parse_vae_specs
+    from .evaluate import EvalSettings, evaluate, markdown_table, parse_vae_specs
 
-    result = evaluate(parse_vae_specs(args.vae), args.data, args.out, resolution=args.resolution,
-                      full_size=args.full_size, sample=args.sample, seed=args.seed, batch_size=args.batch_size,
-                      device=args.device, dtype=args.dtype, max_images=args.max_images,
-                      lpips_weights=args.lpips_weights, fid_weights=args.fid_weights, use_lpips=not args.no_lpips,
-                      use_fid=not args.no_fid, download=not args.no_download, grid_images=args.grid_images,
-                      split=args.split, image_column=args.image_column, max_pixels=args.max_pixels)
+    result = evaluate(parse_vae_specs(args.vae), args.data, args.out, from_flags(EvalSettings, args))
     print(markdown_table(result))
     for item in result["skipped_files"][:20]:
         print(f"skipped {printable(item['path'])}: {item['reason']}", file=sys.stderr)

@@ -155,6 +155,15 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"config key '{key}' must not be negative")
 
 
+def check_at_least(settings, **minimums) -> None:
+    """Settings that are counts or sizes: each named field (when set) at least its minimum, or one error naming it."""
+    for key, minimum in minimums.items():
+        value = getattr(settings, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{key} ({flag}) must be a whole number of at least {minimum}, got {value!r}")
+
+
 def parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:

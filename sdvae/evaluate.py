@@ -12,10 +12,12 @@ computed once, and only the images shown in the grid are kept in memory.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from .config import check_at_least
 from .files import atomic_json, atomic_write, describe_error, printable
 from .images import open_image, pixels_to_tensor, resize_crop
 from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
@@ -137,45 +140,69 @@ def load_scorers(lpips_weights: list[str] | None, fid_weights: str | None, use_l
     return lpips_models, inception, skipped
 
 
-def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, full_size: bool = False,
-             sample: bool = False, seed: int = 0, batch_size: int = 8, device: str | None = None,
-             dtype: torch.dtype = torch.float32, max_images: int | None = None, lpips_weights: list[str] | None = None,
-             fid_weights: str | None = None, use_lpips: bool = True, use_fid: bool = True, download: bool = True,
-             grid_images: int = 3, split: str = "validation", image_column: str = "image",
-             max_pixels: int | None = None) -> dict:
+@dataclass
+class EvalSettings:
+    """`sdvae eval`'s settings; the fields are its flags (`--full-size` is full_size), checked as TrainConfig is."""
+    resolution: int = 256  # shorter side and centre crop
+    full_size: bool = False  # images as they are (Kodak and similar sets)
+    sample: bool = False  # decode a posterior sample (seeded) instead of the mode
+    seed: int = 0
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str = "fp32"
+    max_images: int | None = None
+    lpips_weights: list[str] | None = None
+    fid_weights: str | None = None
+    no_lpips: bool = False
+    no_fid: bool = False
+    no_download: bool = False
+    grid_images: int = 3
+    split: str = "validation"
+    image_column: str = "image"
+    max_pixels: int | None = None
+
+    def __post_init__(self):
+        check_at_least(self, batch_size=1, resolution=1, max_images=1, max_pixels=1, grid_images=0)
+        if not self.full_size and self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
+        from .sources import as_dtype
+
+        as_dtype(self.dtype)
+
+
+def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings | None = None, **flags) -> dict:
     """Score every VAE on the same images and write metrics.json, per_image.csv, table.md, grid.png and
-    psnr.png to `out`. Returns what metrics.json holds."""
+    psnr.png to `out`. Returns what metrics.json holds. Settings: an EvalSettings, or its fields as keywords."""
+    s = dataclasses.replace(settings or EvalSettings(), **flags)
     from .codec import load_vae
     from .sources import as_dtype
 
-    dtype = as_dtype(dtype)
-    total, sources = image_sources(data, split, image_column)
-    if not full_size and resolution % 8:
-        raise ValueError(f"--resolution must be a multiple of 8, got {resolution}")
+    dtype = as_dtype(s.dtype)
+    total, sources = image_sources(data, s.split, s.image_column)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after the whole evaluation
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codecs = {}
     for name, path in vaes.items():
         try:
             codecs[name] = load_vae(path, device, dtype)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"--vae {name}: {e}") from None
-    lpips_models, inception, skipped_metrics = load_scorers(lpips_weights, fid_weights, use_lpips, use_fid,
-                                                            download, device)
+    lpips_models, inception, skipped_metrics = load_scorers(s.lpips_weights, s.fid_weights, not s.no_lpips,
+                                                            not s.no_fid, not s.no_download, device)
     metrics = ["psnr", "ssim"] + [m for m in ("lpips_vgg", "lpips_alex") if m in lpips_models]
 
-    expected = total if max_images is None else min(total, max_images)
+    expected = total if s.max_images is None else min(total, s.max_images)
     shown = {}  # grid slot -> first image in its stretch of the set: spread over the set, unreadable files or not
     names, sizes = [], []
     values = {v: {m: [] for m in metrics} for v in vaes}
     features = {"input": [], **{v: [] for v in vaes}}
     seconds = dict.fromkeys(vaes, 0.0)
-    generators = {v: torch.Generator().manual_seed(seed) for v in vaes}  # each VAE draws the same noise
+    generators = {v: torch.Generator().manual_seed(s.seed) for v in vaes}  # each VAE draws the same noise
     skipped_files: list[dict] = []
     progress = tqdm(total=expected, desc="eval", unit="img")
-    for batch_names, inputs in batches(sources, resolution, full_size, batch_size, max_images, skipped_files,
-                                              max_pixels):
+    for batch_names, inputs in batches(sources, s.resolution, s.full_size, s.batch_size, s.max_images,
+                                       skipped_files, s.max_pixels):
         h, w = inputs.shape[1:3]
         x = pixels_to_tensor(inputs)
         real = torch.from_numpy(inputs).permute(0, 3, 1, 2).to(device)
@@ -184,7 +211,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
         reconstructions = {}
         for v, codec in codecs.items():
             start = time.perf_counter()
-            z = codec.encode(x, scaled=False, sample=sample, generator=generators[v])
+            z = codec.encode(x, scaled=False, sample=s.sample, generator=generators[v])
             rec = codec.decode(z, size=(w, h), scaled=False, output_type="np")  # clamped, 8-bit
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -200,8 +227,8 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
                 features[v].append(inception_features(inception, fake))
             reconstructions[v] = rec
         for i, n in enumerate(batch_names):
-            slot = (len(names) + i) * grid_images // expected
-            if grid_images and slot not in shown:
+            slot = (len(names) + i) * s.grid_images // expected
+            if s.grid_images and slot not in shown:
                 shown[slot] = (n, inputs[i], {v: reconstructions[v][i] for v in vaes})
         names += batch_names
         sizes += [(w, h)] * len(batch_names)
@@ -231,7 +258,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, resolution: int = 256, f
     paired = [paired_difference(values[a][m], values[b][m], a, b, m)
               for i, a in enumerate(vaes) for b in list(vaes)[i + 1:] for m in metrics]
 
-    protocol = describe_protocol(resolution, full_size, sample, seed, dtype, device)
+    protocol = describe_protocol(s.resolution, s.full_size, s.sample, s.seed, dtype, device)
     result = {"data": str(data), "images": len(names), "protocol": protocol, "vaes": summary,
               "skipped_metrics": skipped_metrics, "paired": paired, "notes": notes,
               "skipped_files": skipped_files}

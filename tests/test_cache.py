@@ -105,7 +105,7 @@ def test_latents_are_the_codec_posterior_of_the_recorded_crop(tmp_path, images, 
     assert all(len({tuple(s["bucket"])}) == 1 and s["rows"] >= 1 for s in index["shards"])
     assert len({tuple(s["bucket"]) for s in index["shards"]}) == len(index["shards"])  # one shard per bucket here
 
-    square = build_cache(codec, images, tmp_path / "square", buckets=False, **FAST)
+    square = build_cache(codec, images, tmp_path / "square", no_buckets=True, **FAST)
     assert square["encoded"] == len(IMAGES)
     assert {item["bucket"] for item in by_path(LatentCache(tmp_path / "square")).values()} == {(64, 64)}
 
