@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save
 
@@ -47,6 +46,7 @@ def check_images(resolution: int = 128) -> torch.Tensor:
     from PIL import Image
 
     from .demo import load_photo
+    from .images import pixels_to_tensor
 
     crops = []
     for name in ("astronaut", "coffee"):
@@ -54,8 +54,7 @@ def check_images(resolution: int = 128) -> torch.Tensor:
         image.thumbnail((2 * resolution, 2 * resolution))
         w, h = image.size
         left, top = (w - resolution) // 2, (h - resolution) // 2
-        crop = torch.from_numpy(np.array(image.crop((left, top, left + resolution, top + resolution))))
-        crops.append(crop.permute(2, 0, 1).float() / 127.5 - 1)
+        crops.append(pixels_to_tensor(image.crop((left, top, left + resolution, top + resolution))))
     return torch.stack(crops)
 
 

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import tensor_to_pixels
+
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, clamped and rounded like a saved PNG."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return tensor_to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _nchw(images) -> torch.Tensor:

@@ -52,7 +52,9 @@ def build_vae(model: str) -> AutoencoderKL:
     if not path.is_file():
         raise FileNotFoundError(
             f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor a diffusers config: {path} not found")
-    return AutoencoderKL.from_config(AutoencoderKL.load_config(path))
+    from .sources import check_config, read_config_json
+
+    return AutoencoderKL.from_config(check_config(read_config_json(path), path))
 
 
 class VAETrainingForward(torch.nn.Module):

@@ -196,6 +196,7 @@ def test_eval_stats_cache_and_train_count_the_bad_images_and_use_the_good(corpus
 
 VAE_COMMANDS = {
     "encode": lambda vae, data, out: ["encode", data, "--vae", vae, "--out", out],
+    "decode": lambda vae, data, out: ["decode", data, "--vae", vae, "--out", out],
     "export": lambda vae, data, out: ["export", vae, "--out", out],
     "convert": lambda vae, data, out: ["convert", vae, out + ".safetensors"],
     "stats": lambda vae, data, out: ["stats", "--vae", vae, "--data", data, "--resolution", "32"],
