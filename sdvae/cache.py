@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .data import list_images, open_image, seed_for
 from .sources import dtype_name
 from .config import check_at_least
-from .files import FolderLock, atomic_write, describe_error, printable
+from .files import FolderLock, atomic_write, describe_error
 from .images import pixels_to_tensor
 
 log = logging.getLogger(__name__)

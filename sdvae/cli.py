@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
+    for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval):
+        add(command, (vae, device, images))
+    return parser
+
+
+def add_train(command, parents) -> None:
+    """sdvae train: settings from --config and key=value overrides."""
+    vae, device, images = parents
     train = command("train", run_train,
                     help="train or fine-tune a VAE (no data given: a ~3 minute CPU demo on built-in photos)",
                     description="Train a VAE. Settings come from --config FILE, then key=value overrides. "
@@ -88,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="'latest' or a checkpoint folder (same as resume=...)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the config file")
 
+
+def add_convert_and_export(command, parents) -> None:
+    """sdvae convert / export: VAEs between layouts and formats."""
+    vae, device, images = parents
     convert = command("convert", run_convert,
                       help="convert a VAE between the diffusers and the original LDM layout (detects the input's)",
                       description="LDM single file (.safetensors, or .ckpt/.pt read with weights_only=True; whole "
@@ -105,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-fp16-check", action="store_true",
                         help="skip the fp16 decode check that sets force_upcast")
 
+
+def add_stats(command, parents) -> None:
+    """sdvae stats: latent mean and std, scaling and shift factors."""
+    vae, device, images = parents
     stats = command("stats", run_stats, [vae, images],
                     help="measure latent mean/std on a dataset; propose scaling/shift factors")
     stats.add_argument("--data", required=True, help="image folder or Hugging Face dataset")
@@ -115,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--write", action="store_true", help="write scaling_factor (and shift_factor) to config.json")
     stats.add_argument("--shift", action="store_true", help="with --write: also write shift_factor (SD3/FLUX)")
 
+
+def add_encode_and_decode(command, parents) -> None:
+    """sdvae encode / decode: images <-> latent files."""
+    vae, device, images = parents
     for name, helptext in (("encode", "images (files or folders) -> latent files, one .safetensors per image"),
                            ("decode", "latent files written by `sdvae encode` -> PNG images at their original size")):
         sub = command(name, run_codec, [vae, device] + ([images] if name == "encode" else []), help=helptext)
@@ -128,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "encode":
             sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
 
+
+def add_cache(command, parents) -> None:
+    """sdvae cache-latents: a resumable latent cache."""
+    vae, device, images = parents
     cache = command("cache-latents", run_cache, [vae, device, images],
                     help="encode an image folder once into a resumable latent cache for diffusion training",
                     description="Resize and crop each image to an aspect-ratio bucket and store the VAE posterior's "
@@ -145,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--shard-size", type=int, default=1024, help="images per shard")
     cache.add_argument("--seed", type=int, default=0, help="seeds the random crops")
 
+
+def add_eval(command, parents) -> None:
+    """sdvae eval: reconstruction metrics of VAEs side by side."""
+    vae, device, images = parents
     ev = command("eval", run_eval, [device, images],
                  help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) of one or more VAEs side by side",
                  description="Score VAEs on the same images with the protocol of the published tables "
@@ -175,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-fid", action="store_true", help="skip rFID")
     ev.add_argument("--no-download", action="store_true", help="never download missing metric weights")
     ev.add_argument("--grid-images", type=int, default=3, help="images in grid.png (default 3, spread over the set)")
-    return parser
 
 
 def run_train(args) -> int:

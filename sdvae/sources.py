@@ -181,7 +181,7 @@ def load_folder(folder: Path):
     """A diffusers VAE folder, its config checked and its weights file verified before diffusers reads them."""
     from diffusers import AutoencoderKL
 
-    config = check_config(read_config_json(folder / "config.json"), folder / "config.json")
+    check_config(read_config_json(folder / "config.json"), folder / "config.json")
     for weights in sorted(folder.glob("diffusion_pytorch_model*.safetensors")):
         safetensors_header(weights)
     try:
