@@ -155,8 +155,13 @@ def load_pretrained_vae(source: str):
     from diffusers import AutoencoderKL
 
     path = Path(source)
-    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+    if path.is_file():
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ValueError(f"{path} is not a VAE weights file (a {', '.join(SINGLE_FILE_SUFFIXES)} file or a "
+                             f"folder is)")
         return load_single_file(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is not a regular file (a pipe, device or socket is never read)")
     if path.is_dir():
         for folder in (path, path / "vae"):
             if (folder / "config.json").is_file():
@@ -186,7 +191,7 @@ def load_folder(folder: Path):
         safetensors_header(weights)
     try:
         return AutoencoderKL.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder}: its weights cannot be loaded ({str(e).splitlines()[0]})") from None
 
 

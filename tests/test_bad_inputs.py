@@ -80,6 +80,10 @@ def build_vaes(root: Path, vae_dir: Path) -> dict[str, Path]:
     (root / "truncated_weights" / "diffusion_pytorch_model.safetensors").write_bytes(weights[:-1000])
     cases["truncated_weights"] = root / "truncated_weights"
     cases["missing"] = root / "does-not-exist"
+    (root / "weights.gguf").write_bytes(weights[:100])  # a file, but no VAE format
+    cases["weights.gguf"] = root / "weights.gguf"
+    os.mkfifo(root / "pipe.safetensors")  # would block whoever opens it
+    cases["pipe.safetensors"] = root / "pipe.safetensors"
     return cases
 
 
