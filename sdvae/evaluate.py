@@ -172,10 +172,10 @@ class EvalSettings:
 def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings | None = None, **flags) -> dict:
     """Score every VAE on the same images and write metrics.json, per_image.csv, table.md, grid.png and
     psnr.png to `out`. Returns what metrics.json holds. Settings: an EvalSettings, or its fields as keywords."""
-    s = dataclasses.replace(settings or EvalSettings(), **flags)
     from .codec import load_vae
     from .sources import as_dtype
 
+    s = dataclasses.replace(settings or EvalSettings(), **flags)
     dtype = as_dtype(s.dtype)
     total, sources = image_sources(data, s.split, s.image_column)
     out = Path(out)
@@ -189,8 +189,30 @@ def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings |
             raise type(e)(f"--vae {name}: {e}") from None
     lpips_models, inception, skipped_metrics = load_scorers(s.lpips_weights, s.fid_weights, not s.no_lpips,
                                                             not s.no_fid, not s.no_download, device)
-    metrics = ["psnr", "ssim"] + [m for m in ("lpips_vgg", "lpips_alex") if m in lpips_models]
+    run = score_all(codecs, sources, total, s, lpips_models, inception, device)
+    names, values, seconds = run["names"], run["values"], run["seconds"]
+    if not names:
+        first = run["skipped_files"][0]
+        raise ValueError(f"none of the {total} files in {data} could be read as an image "
+                         f"(first: {first['path']}: {first['reason']})")
 
+    summary = {v: {**summarise(values[v]), "path": str(vaes[v]),
+                   "images_per_sec": round(len(names) / seconds[v], 3) if seconds[v] else None} for v in vaes}
+    notes = add_rfid(summary, run["features"], inception, len(names), skipped_metrics)
+    paired = [paired_difference(values[a][m], values[b][m], a, b, m)
+              for i, a in enumerate(vaes) for b in list(vaes)[i + 1:] for m in values[a]]
+    protocol = describe_protocol(s.resolution, s.full_size, s.sample, s.seed, dtype, device)
+    result = {"data": str(data), "images": len(names), "protocol": protocol, "vaes": summary,
+              "skipped_metrics": skipped_metrics, "paired": paired, "notes": notes,
+              "skipped_files": run["skipped_files"]}
+    write_outputs(out, result, names, run["sizes"], values, run["shown"])
+    return result
+
+
+def score_all(codecs: dict, sources, total: int, s: EvalSettings, lpips_models: dict, inception, device) -> dict:
+    """Every VAE on the same batches: per-image scores, Inception features, time, and the grid's images."""
+    vaes = list(codecs)
+    metrics = ["psnr", "ssim"] + [m for m in ("lpips_vgg", "lpips_alex") if m in lpips_models]
     expected = total if s.max_images is None else min(total, s.max_images)
     shown = {}  # grid slot -> first image in its stretch of the set: spread over the set, unreadable files or not
     names, sizes = [], []
@@ -203,28 +225,19 @@ def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings |
     for batch_names, inputs in batches(sources, s.resolution, s.full_size, s.batch_size, s.max_images,
                                        skipped_files, s.max_pixels):
         h, w = inputs.shape[1:3]
-        x = pixels_to_tensor(inputs)
         real = torch.from_numpy(inputs).permute(0, 3, 1, 2).to(device)
         if inception is not None:
             features["input"].append(inception_features(inception, real))
         reconstructions = {}
         for v, codec in codecs.items():
             start = time.perf_counter()
-            z = codec.encode(x, scaled=False, sample=s.sample, generator=generators[v])
-            rec = codec.decode(z, size=(w, h), scaled=False, output_type="np")  # clamped, 8-bit
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            reconstructions[v] = reconstruct_batch(codec, inputs, s.sample, generators[v])
             seconds[v] += time.perf_counter() - start
-            fake = torch.from_numpy(rec).permute(0, 3, 1, 2).to(device)
-            values[v]["psnr"] += psnr_batch(real, fake).tolist()
-            values[v]["ssim"] += ssim_batch(real, fake).tolist()
-            for metric, model in lpips_models.items():
-                with torch.no_grad():  # LPIPS takes [-1, 1]
-                    d = model(pixels_to_tensor(fake), pixels_to_tensor(real))
-                values[v][metric] += d.flatten().tolist()
+            fake = torch.from_numpy(reconstructions[v]).permute(0, 3, 1, 2).to(device)
+            for metric, scores in score_batch(real, fake, lpips_models).items():
+                values[v][metric] += scores
             if inception is not None:
                 features[v].append(inception_features(inception, fake))
-            reconstructions[v] = rec
         for i, n in enumerate(batch_names):
             slot = (len(names) + i) * s.grid_images // expected
             if s.grid_images and slot not in shown:
@@ -233,44 +246,56 @@ def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings |
         sizes += [(w, h)] * len(batch_names)
         progress.update(len(batch_names))
     progress.close()
-    if not names:
-        raise ValueError(f"none of the {total} files in {data} could be read as an image "
-                         f"(first: {skipped_files[0]['path']}: {skipped_files[0]['reason']})")
+    return dict(names=names, sizes=sizes, values=values, features=features, seconds=seconds, shown=shown,
+                skipped_files=skipped_files)
 
-    summary = {}
-    for v in vaes:
-        summary[v] = {**summarise(values[v]), "path": str(vaes[v]),
-                      "images_per_sec": round(len(names) / seconds[v], 3) if seconds[v] else None}
-    notes = []
-    if inception is not None:
-        if len(names) < 2:
-            skipped_metrics["rfid"] = f"rFID needs at least 2 images, got {len(names)}"
-        else:
-            real = np.concatenate(features["input"])
-            for v in vaes:
-                summary[v]["rfid"] = fid_from_features(real, np.concatenate(features[v]))
-            if len(names) < 2048:
-                notes.append(f"rFID from {len(names)} images is statistically weak: with fewer images than the 2048 "
-                             f"Inception feature dimensions the covariances are singular, and the value is biased "
-                             f"upwards by a set-size-dependent amount. Compare rFIDs only on the same images; the "
-                             f"published figures use 5000 (COCO 2017 val).")
-    paired = [paired_difference(values[a][m], values[b][m], a, b, m)
-              for i, a in enumerate(vaes) for b in list(vaes)[i + 1:] for m in metrics]
 
-    protocol = describe_protocol(s.resolution, s.full_size, s.sample, s.seed, dtype, device)
-    result = {"data": str(data), "images": len(names), "protocol": protocol, "vaes": summary,
-              "skipped_metrics": skipped_metrics, "paired": paired, "notes": notes,
-              "skipped_files": skipped_files}
-    # every output whole or not at all, names escaped where they are not UTF-8: the scores exist now
+def reconstruct_batch(codec, inputs: np.ndarray, sample: bool, generator) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> the VAE's reconstruction, clamped and 8-bit, at the input's size."""
+    h, w = inputs.shape[1:3]
+    z = codec.encode(pixels_to_tensor(inputs), scaled=False, sample=sample, generator=generator)
+    rec = codec.decode(z, size=(w, h), scaled=False, output_type="np")
+    if codec.device.type == "cuda":  # the time is the VAE's, not the queue's
+        torch.cuda.synchronize(codec.device)
+    return rec
+
+
+@torch.no_grad()
+def score_batch(real: torch.Tensor, fake: torch.Tensor, lpips_models: dict) -> dict[str, list]:
+    """Per-image PSNR, SSIM and each LPIPS of 8-bit (B, 3, H, W) batches."""
+    scores = {"psnr": psnr_batch(real, fake).tolist(), "ssim": ssim_batch(real, fake).tolist()}
+    for metric, model in lpips_models.items():  # LPIPS takes [-1, 1]
+        scores[metric] = model(pixels_to_tensor(fake), pixels_to_tensor(real)).flatten().tolist()
+    return scores
+
+
+def add_rfid(summary: dict, features: dict, inception, images: int, skipped_metrics: dict) -> list[str]:
+    """Each VAE's rFID into `summary`; returns the notes on how far it can be trusted."""
+    if inception is None:
+        return []
+    if images < 2:
+        skipped_metrics["rfid"] = f"rFID needs at least 2 images, got {images}"
+        return []
+    real = np.concatenate(features["input"])
+    for v in summary:
+        summary[v]["rfid"] = fid_from_features(real, np.concatenate(features[v]))
+    if images >= 2048:
+        return []
+    return [f"rFID from {images} images is statistically weak: with fewer images than the 2048 Inception feature "
+            f"dimensions the covariances are singular, and the value is biased upwards by a set-size-dependent "
+            f"amount. Compare rFIDs only on the same images; the published figures use 5000 (COCO 2017 val)."]
+
+
+def write_outputs(out: Path, result: dict, names, sizes, values, shown) -> None:
+    """Every output whole or not at all (the scores exist now), names escaped where they are not UTF-8."""
     atomic_json(out / "metrics.json", result)
     atomic_write(out / "per_image.csv", per_image_csv(names, sizes, values))
     atomic_write(out / "table.md", markdown_table(result))
     if shown:  # (name, input, {vae: reconstruction}) for each image in the grid
-        atomic_write(out / "grid.png", png_bytes(comparison_figure(list(shown.values()), list(vaes), values, names)))
+        atomic_write(out / "grid.png", png_bytes(comparison_figure(list(shown.values()), list(values), values, names)))
     buffer = io.BytesIO()
     psnr_plot(values, result).savefig(buffer, dpi=100, format="png")
     atomic_write(out / "psnr.png", buffer.getvalue())
-    return result
 
 
 def png_bytes(image) -> bytes:
