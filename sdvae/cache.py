@@ -192,9 +192,9 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
     report (also written to out/report.json). `vae` is a path or a loaded `VAECodec` (then `dtype` should name
     its precision: it is part of the key); settings are a CacheSettings or its fields as keywords;
     `on_shard(record)` is called after each shard is written."""
-    s = dataclasses.replace(settings or CacheSettings(), **flags)
     from .codec import VAECodec, load_vae
 
+    s = dataclasses.replace(settings or CacheSettings(), **flags)
     dtype = dtype_name(s.dtype)  # the name, as cache keys have it
     sizes = bucket_sizes(s.resolution, not s.no_buckets)
     data, out = Path(data), Path(out)
@@ -204,7 +204,7 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
     codec = vae if isinstance(vae, VAECodec) else load_vae(
         vae, s.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
     keyed = dict(resolution=s.resolution, crop=s.crop, flip=s.flip, buckets=not s.no_buckets, dtype=dtype,
-                    seed=s.seed if s.crop == "random" else None, format=FORMAT)
+                 seed=s.seed if s.crop == "random" else None, format=FORMAT)
     vae_hash = encoder_hash(codec.model)
     current, skipped = _keys(files, data, f"{vae_hash}|{json.dumps(keyed, sort_keys=True)}", workers)
     with FolderLock(out, "cache-latents run"):  # two runs into one cache would replace each other's shards
@@ -218,45 +218,15 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
         loader = DataLoader(_Crops([path for path, _, _ in firsts], seeds, sizes, s.crop == "random", s.max_pixels),
                             batch_size=s.batch_size, num_workers=workers, collate_fn=_as_list,
                             worker_init_fn=_one_thread)
-        pending, rows = defaultdict(list), defaultdict(list)  # bucket -> crops to encode / encoded rows
         bar = tqdm(total=len(keys), desc="cache-latents", unit="img", disable=not progress)
-
-        def encode(bucket):
-            items, pending[bucket] = pending[bucket], []
-            x = pixels_to_tensor(torch.stack([it.pop("pixels") for it in items]))  # rows keep only metadata
-            mean, std = codec.posterior(torch.cat([x, x.flip(-1)]) if s.flip else x)
-            for j, it in enumerate(items):
-                it["paths"], it["key"] = todo[keys[it["index"]]], keys[it["index"]]
-                tensors = dict(mean=mean[j], std=std[j])
-                if s.flip:  # the mirrored s.crop's own latents (mirroring the latents would not give them)
-                    tensors.update(mean_flipped=mean[len(items) + j], std_flipped=std[len(items) + j])
-                rows[bucket].append((it, tensors))
-            bar.update(len(items))
-            while len(rows[bucket]) >= s.shard_size:
-                writer.write(bucket, rows[bucket][:s.shard_size])
-                rows[bucket] = rows[bucket][s.shard_size:]
-
         loop_start = time.time()
-        encoded = 0
-        with bar:
-            for items in loader:
-                for it in items:
-                    if "error" in it:
-                        skipped += [dict(path=rel, reason=it["error"]) for rel in todo[keys[it["index"]]]]
-                        bar.update(1)
-                        continue
-                    pending[it["bucket"]].append(it)
-                    encoded += 1
-                    if len(pending[it["bucket"]]) == s.batch_size:
-                        encode(it["bucket"])
-            for bucket in [b for b in pending if pending[b]]:
-                encode(bucket)
-            for bucket in [b for b in rows if rows[b]]:
-                writer.write(bucket, rows[bucket])
+        encoded, unreadable = _encode_into_shards(codec, loader, todo, keys, writer, s, bar)
+        skipped += unreadable
         loop_seconds = time.time() - loop_start
 
         report = dict(images=len(files), encoded=encoded, reused=reused, skipped=len(skipped),
-                      cached=sum(len(s["entries"]) for s in writer.index["shards"]), shards=len(writer.index["shards"]),
+                      cached=sum(len(shard["entries"]) for shard in writer.index["shards"]),
+                      shards=len(writer.index["shards"]),
                       damaged_shards=damaged, images_per_sec=round(encoded / loop_seconds, 3) if encoded else None,
                       encode_seconds=round(loop_seconds, 2), seconds=round(time.time() - start, 2),
                       settings=dict(keyed, batch_size=s.batch_size, num_workers=workers, shard_size=s.shard_size,
@@ -264,6 +234,44 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
                       vae_hash=vae_hash, skipped_files=skipped)
         atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
         return report
+
+
+def _encode_into_shards(codec, loader, todo: dict, keys: list, writer, s: CacheSettings, bar) -> tuple[int, list]:
+    """The workers' crops, batched by bucket, encoded and gathered into shards: (images encoded, unreadable)."""
+    pending, rows = defaultdict(list), defaultdict(list)  # bucket -> crops to encode / encoded rows
+    unreadable, encoded = [], 0
+
+    def encode(bucket):
+        items, pending[bucket] = pending[bucket], []
+        x = pixels_to_tensor(torch.stack([it.pop("pixels") for it in items]))  # rows keep only metadata
+        mean, std = codec.posterior(torch.cat([x, x.flip(-1)]) if s.flip else x)
+        for j, it in enumerate(items):
+            it["paths"], it["key"] = todo[keys[it["index"]]], keys[it["index"]]
+            tensors = dict(mean=mean[j], std=std[j])
+            if s.flip:  # the mirrored crop's own latents (mirroring the latents would not give them)
+                tensors.update(mean_flipped=mean[len(items) + j], std_flipped=std[len(items) + j])
+            rows[bucket].append((it, tensors))
+        bar.update(len(items))
+        while len(rows[bucket]) >= s.shard_size:
+            writer.write(bucket, rows[bucket][:s.shard_size])
+            rows[bucket] = rows[bucket][s.shard_size:]
+
+    with bar:
+        for items in loader:
+            for it in items:
+                if "error" in it:
+                    unreadable += [dict(path=rel, reason=it["error"]) for rel in todo[keys[it["index"]]]]
+                    bar.update(1)
+                    continue
+                pending[it["bucket"]].append(it)
+                encoded += 1
+                if len(pending[it["bucket"]]) == s.batch_size:
+                    encode(it["bucket"])
+        for bucket in [b for b in pending if pending[b]]:
+            encode(bucket)
+        for bucket in [b for b in rows if rows[b]]:
+            writer.write(bucket, rows[bucket])
+    return encoded, unreadable
 
 
 def _keys(files: list[Path], data: Path, salt: str, threads: int) -> tuple[dict, list]:
