@@ -10,7 +10,6 @@ import dataclasses
 import gc
 import json
 import logging
-import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,25 +89,18 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         problem = _safetensors_problem(path) if path.suffix == ".safetensors" else \
             _zip_problem(path) if path.suffix in (".bin", ".pkl", ".pt") else None
         if problem:
-            return f"{path} is damaged ({problem})"
+            return problem
     return None
 
 
 def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return "shorter than a safetensors header"
-        length = struct.unpack("<Q", head)[0]
-        if length > size - 8:
-            return "header longer than the file"
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            return "unreadable header"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    return None if 8 + length + end == size else f"{size} bytes where the header needs {8 + length + end}"
+    from .sources import safetensors_header
+
+    try:
+        safetensors_header(path)
+    except ValueError as e:
+        return str(e)  # names the file
+    return None
 
 
 def _zip_problem(path: Path) -> str | None:
@@ -116,7 +108,7 @@ def _zip_problem(path: Path) -> str | None:
         with zipfile.ZipFile(path):  # torch.save's format; a truncated file has lost its central directory
             return None
     except (zipfile.BadZipFile, OSError) as e:
-        return str(e)
+        return f"{path} is damaged ({e})"
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:
@@ -231,7 +223,7 @@ def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
     `vae/` would hold, for a run that was interrupted before its export."""
     from diffusers import AutoencoderKL
 
-    from .sources import load_strict
+    from .sources import check_config, load_strict, read_config_json
 
     try:
         checkpoint = find_checkpoint(run, "latest")
@@ -242,7 +234,7 @@ def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
     if not config_file.is_file():
         raise FileNotFoundError(f"{checkpoint} has no vae_config.json (written by sdvae 0.1.1 and later): "
                                 f"resume the run to let it export")
-    vae = AutoencoderKL.from_config(json.loads(config_file.read_text()))
+    vae = AutoencoderKL.from_config(check_config(read_config_json(config_file), config_file))
     weights = load_file(str(checkpoint / "model.safetensors"))
     load_strict(vae, {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}, checkpoint / "model.safetensors")
     if use_ema is None:

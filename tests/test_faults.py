@@ -342,3 +342,14 @@ def test_non_finite_weights_are_refused_at_resume_and_as_init_from(tmp_path, pho
     vae.save_pretrained(tmp_path / "inf-vae")
     with pytest.raises(ValueError, match="encoder.conv_in.bias"):
         train(config(tmp_path, photos, max_steps=1, init_from=str(tmp_path / "inf-vae"), output_dir=str(tmp_path / "b")))
+
+
+def test_a_damaged_checkpoint_vae_config_is_one_line_naming_it(tmp_path, photos, capsys):
+    train(config(tmp_path, photos, max_steps=3))
+    run = tmp_path / "run"
+    (run / "vae").rename(tmp_path / "old-vae")
+    config_file = run / "checkpoint-3" / "vae_config.json"
+    config_file.write_text("{" * config_file.stat().st_size)  # same size: only its content is wrong
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "vae_config.json" in err and "not valid JSON" in err and not (tmp_path / "exported").exists()
