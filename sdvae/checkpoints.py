@@ -251,9 +251,9 @@ def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
 
 
 def _run_config(run: Path) -> dict:
-    import yaml
+    from .config import read_config_file
 
-    try:
-        return yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    try:  # the run's own settings; a damaged one only loses the export_ema preference
+        return read_config_file(Path(run) / "config.yaml")
+    except (OSError, ValueError):
         return {}

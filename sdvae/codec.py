@@ -1,7 +1,6 @@
 """Images <-> latents with a trained VAE: `codec = sdvae.load_vae(path); z = codec.encode(images)`."""
 from __future__ import annotations
 
-import io
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from .files import atomic_write, describe_error, printable
-from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, require_regular_file, tensor_to_pixels, to_rgb
+from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, png_bytes, require_regular_file, tensor_to_pixels, to_rgb
 from .tiling import default_budget, tiled_decode, tiled_encode, untiled_bytes
 
 
@@ -305,9 +304,7 @@ def decode_files(codec: VAECodec, inputs: list, out, tiled: bool | None = None) 
             z, size, scaled = read_latent_file(path, codec.model.config.latent_channels)
             image = codec.decode(z[None], size=size, tiled=tiled, scaled=scaled)[0]
             (out / name).parent.mkdir(parents=True, exist_ok=True)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            atomic_write(out / name, buffer.getvalue())
+            atomic_write(out / name, png_bytes(image))
             done += 1
         except Exception as e:
             skipped.append(f"{printable(path)}: {describe_error(e)}")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import check_at_least
 from .files import atomic_json, atomic_write, describe_error, printable
-from .images import open_image, pixels_to_tensor, resize_crop
+from .images import open_image, pixels_to_tensor, png_bytes, resize_crop
 from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
 from .metrics import build_fid_inception, fid_from_features, inception_features, psnr_batch, ssim_batch, summarise
 
@@ -296,12 +296,6 @@ def write_outputs(out: Path, result: dict, names, sizes, values, shown) -> None:
     buffer = io.BytesIO()
     psnr_plot(values, result).savefig(buffer, dpi=100, format="png")
     atomic_write(out / "psnr.png", buffer.getvalue())
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
 
 
 def describe_protocol(resolution, full_size, sample, seed, dtype, device) -> dict:

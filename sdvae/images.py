@@ -91,6 +91,13 @@ def tensor_to_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    """A PNG in memory, for atomic_write: the file on disk is then whole or absent."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def resize_crop(image: Image.Image, resolution: int, protocol: str,
                 random_crop: torch.Generator | None = None) -> Image.Image:
     """A `resolution` square, by one of two protocols:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import logging
 import math
 import os
@@ -27,14 +26,15 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from .checkpoints import (CheckpointError, TrainState, completed_checkpoints, find_checkpoint, has_discriminator, last_good, load_ema, save_checkpoint,
-                          set_aside_later_checkpoints)
+from .checkpoints import (CheckpointError, TrainState, completed_checkpoints, find_checkpoint, has_discriminator,
+                          last_good, load_ema, save_checkpoint, set_aside_later_checkpoints)
 from .config import TrainConfig, save_config
 from .sources import load_pretrained_vae
 from .data import build_dataset, collate, seed_for
 from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
 from .files import FolderLock, FolderLocked, atomic_json, atomic_write, remove_stale_temporaries, write_failure
+from .images import png_bytes
 from .losses import AutoencoderLoss, build_lpips
 from .metrics import comparison_grid, reconstruct, score, summarise
 from .models import VAETrainingForward, build_vae
@@ -505,8 +505,8 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
     with reported_write("metrics.json and reconstructions.png", out):
         if run.preview is not None:
             vae.eval()
-            save_png(comparison_grid(run.preview, reconstruct(vae, run.preview.to(accelerator.device))),
-                     out / "reconstructions.png")
+            grid = comparison_grid(run.preview, reconstruct(vae, run.preview.to(accelerator.device)))
+            atomic_write(out / "reconstructions.png", png_bytes(grid))
         atomic_json(out / "metrics.json", metrics)
     return metrics
 
@@ -520,12 +520,6 @@ def reported_write(what: str, out: Path):
     except Exception as e:
         raise write_failure(e, what, f"{last_good(out)} (export it with: sdvae export {out} --out "
                                      f"{out / 'vae'})") from None
-
-
-def save_png(image, path: Path) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write(path, buffer.getvalue())
 
 
 def load_validation(cfg: TrainConfig, train_dataset):
@@ -576,7 +570,7 @@ def write_preview(run: Run) -> None:
     vae.train()
     grid = comparison_grid(run.preview, reconstruction)
     try:
-        save_png(grid, run.out / "samples" / f"step-{step:07d}.png")
+        atomic_write(run.out / "samples" / f"step-{step:07d}.png", png_bytes(grid))
     except OSError as e:  # a preview is not worth the run; a full disk is reported by the next checkpoint
         log.warning("preview for step %d not written: %s", step, e)
     psnr = summarise(score(run.preview, reconstruction))["psnr_mean"]
