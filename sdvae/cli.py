@@ -52,7 +52,7 @@ def check_flags(args) -> None:
     """Values of the commands without a settings dataclass (eval's and cache-latents' check themselves)."""
     for flag in ("batch_size", "resolution", "max_images", "tile_size", "max_pixels"):
         value = getattr(args, flag, None)  # 0 would end in a ZeroDivisionError or a bare range() error
-        if args.command not in ("eval", "cache-latents") and value is not None and value < 1:
+        if args.command not in ("eval", "cache-latents", "probe") and value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.command == "stats" and args.resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x), got {args.resolution}")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval):
+    for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval, add_probe):
         add(command, (vae, device, images))
     return parser
 
@@ -203,6 +203,47 @@ def add_eval(command, parents) -> None:
     ev.add_argument("--no-fid", action="store_true", help="skip rFID")
     ev.add_argument("--no-download", action="store_true", help="never download missing metric weights")
     ev.add_argument("--grid-images", type=int, default=3, help="images in grid.png (default 3, spread over the set)")
+
+
+def add_probe(command, parents) -> None:
+    """sdvae probe: how well a diffusion model learns each VAE's latents."""
+    vae, device, images = parents
+    pr = command("probe", run_probe, [device, images],
+                 help="how well a latent diffusion model learns each VAE's latents: diagnostics and a diffusion probe",
+                 description="Latent statistics, spectrum, equivariance and noise robustness, then the same small "
+                             "denoiser trained with rectified flow on each VAE's normalised latents: loss curves, "
+                             "held-out loss, samples and generation FID. Writes metrics.json, table.md, spectrum.png, "
+                             "probe_loss.png, samples.png and equivariance.png to --out; run again to resume.")
+    pr.add_argument("--vae", action="append", required=True, metavar="[NAME=]PATH",
+                    help="run folder, diffusers folder or single file; repeat to compare (NAME labels it)")
+    pr.add_argument("--data", required=True, help="training images: a folder (through the latent cache) or a "
+                                                  "`datasets` dataset")
+    pr.add_argument("--val-data", help="held-out images (default: every 10th image of --data, left out of training)")
+    pr.add_argument("--out", required=True, help="output folder (also holds the latent caches and checkpoints)")
+    pr.add_argument("--resolution", type=int, default=256, help="image side, a multiple of 16 (default 256)")
+    budget = pr.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=2000, help="denoiser steps for every VAE (default 2000)")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="instead of --steps: the first VAE trains this long, the others as many steps")
+    pr.add_argument("--denoiser", default="small", choices=["tiny", "small", "dit-s", "dit-b"],
+                    help="small: a UNet for CPUs (default); tiny: a smaller one for quick checks; dit-s / dit-b: DiT-S/2, DiT-B/2 for GPUs")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--learning-rate", type=float, default=None, help="default 2e-4 (small), 1e-4 (DiT)")
+    pr.add_argument("--seed", type=int, default=0, help="seeds the denoiser's init, batches, t and noise")
+    pr.add_argument("--eval-every", type=int, default=None, help="steps between held-out losses (default steps/10)")
+    pr.add_argument("--checkpoint-every", type=int, default=500, help="steps between denoiser checkpoints")
+    pr.add_argument("--samples", type=int, default=64, help="samples for samples.png and gFID (default 64)")
+    pr.add_argument("--sample-steps", type=int, default=25, help="Euler steps per sample (default 25)")
+    pr.add_argument("--val-images", type=int, default=64, help="held-out images (default 64)")
+    pr.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="the denoiser's")
+    pr.add_argument("--split", default="train", help="split of a `datasets` --data (default train)")
+    pr.add_argument("--val-split", default="validation", help="split of a `datasets` --val-data")
+    pr.add_argument("--image-column", default="image", help="dataset column holding the images (default image)")
+    pr.add_argument("--num-workers", type=int, default=None, help="latent-cache loader processes")
+    pr.add_argument("--fid-weights", metavar="FOLDER_OR_FILE",
+                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its folder (default: torch hub cache)")
+    pr.add_argument("--no-fid", action="store_true", help="skip the generation FID")
+    pr.add_argument("--no-download", action="store_true", help="never download the Inception weights")
 
 
 def run_train(args) -> int:
@@ -347,6 +388,18 @@ def run_eval(args) -> int:
     for item in result["skipped_files"][:20]:
         print(f"skipped {printable(item['path'])}: {item['reason']}", file=sys.stderr)
     print(f"written to {args.out}: metrics.json, per_image.csv, table.md, grid.png, psnr.png")
+    return 0
+
+
+def run_probe(args) -> int:
+    from .evaluate import parse_vae_specs
+    from .probe import ProbeSettings, probe
+    from .probe_report import markdown_table
+
+    result = probe(parse_vae_specs(args.vae), args.data, args.out, from_flags(ProbeSettings, args))
+    print(markdown_table(result))
+    print(f"written to {args.out}: metrics.json, table.md, spectrum.png, probe_loss.png, samples.png, "
+          f"equivariance.png")
     return 0
 
 

@@ -1,0 +1,194 @@
+"""What `sdvae probe` writes: metrics.json, table.md, spectrum.png, probe_loss.png, samples.png, equivariance.png."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .denoiser import white_noise_loss
+from .diagnostics import transforms
+from .files import atomic_json, atomic_write
+from .images import png_bytes
+from .metrics import to_uint8
+
+GAP = 4
+# per-image figures compared between VAEs: (label, where in a VAE's result, fewer is better)
+PAIRED = {
+    "held-out loss": (("probe", "heldout_loss_per_image"), True),
+    "downscale PSNR": (("equivariance", "downscale_2x", "psnr"), False),
+    "rotate PSNR": (("equivariance", "rotate_90", "psnr"), False),
+    "PSNR at σ=0.25": (("noise", "sigma_0.25"), False),
+}
+
+
+def write_outputs(out: Path, result: dict, heldout: dict) -> None:
+    from .evaluate import paired_difference
+
+    vaes = list(result["vaes"])
+    result["paired"] = []
+    for label, (where, fewer) in PAIRED.items():
+        for i, a in enumerate(vaes):
+            for b in vaes[i + 1:]:
+                d = paired_difference(_get(result["vaes"][a], where), _get(result["vaes"][b], where), a, b, label)
+                result["paired"].append(dict(d, fewer_is_better=fewer))
+    atomic_json(out / "metrics.json", result)
+    atomic_write(out / "table.md", markdown_table(result))
+    atomic_write(out / "spectrum.png", _figure_png(spectrum_plot(result)))
+    atomic_write(out / "probe_loss.png", _figure_png(loss_plot(result)))
+    for picture in ("samples", "equivariance"):
+        rows = {v: Image.open(out / "vaes" / f"{v}.{picture}.png") for v in vaes
+                if (out / "vaes" / f"{v}.{picture}.png").is_file()}
+        if rows:
+            atomic_write(out / f"{picture}.png", png_bytes(labelled_rows(rows)))
+
+
+def _get(result: dict, where: tuple):
+    for key in where:
+        result = result[key]
+    return result
+
+
+def _mean(values) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
+def markdown_table(result: dict) -> str:
+    p = result["protocol"]
+    s = p["settings"]
+    lines = [f"Diffusion probe on `{result['data']}`: {p['heldout_images']} held-out images"
+             f"{' from `' + str(result['val_data']) + '`' if result['val_data'] else ''}, {s['resolution']} px; "
+             f"denoiser `{s['denoiser']}`, {next(iter(result['vaes'].values()))['probe']['steps']} steps of batch "
+             f"{s['batch_size']}, lr {p['learning_rate']:g}, seed {s['seed']}.", "",
+             "| VAE | channels | scale / shift | in use | HF energy | downscale PSNR (gap) | rotate PSNR (gap) | "
+             "PSNR σ=0 / 0.25 / 0.5 | held-out loss | gFID |",
+             "|---|---:|---|---:|---:|---|---|---|---:|---:|"]
+    for v, r in result["vaes"].items():
+        st, eq, noise = r["statistics"], r["equivariance"], r["noise"]
+        gfid = f"{r['gfid']:.1f}" if r.get("gfid") is not None else "skipped"
+        lines.append(
+            f"| {v} | {st['channels']} | {st['scaling_factor']:.4g} / {st['shift_factor']:+.3g} | "
+            f"{st['channels_in_use']} | {r['spectrum']['high_frequency_fraction']:.3f} | "
+            + " | ".join(f"{_mean(eq[t]['psnr']):.2f} ({_mean(eq[t]['gap']):+.2f})" for t in transforms())
+            + f" | {_mean(noise['sigma_0']):.2f} / {_mean(noise['sigma_0.25']):.2f} / {_mean(noise['sigma_0.5']):.2f}"
+            f" | {r['probe']['heldout_loss']:.4f} | {gfid} |")
+    images = result["image_spectrum"]["high_frequency_fraction"]
+    lines += ["", f"HF energy: fraction of the normalised latents' spectral energy above half the Nyquist frequency "
+                  f"(white noise 0.75; the held-out images at the latents' size: {images:.3f}). Downscale / rotate: "
+                  f"PSNR of decode(T(z)) against T(x), in brackets the gap to decode(encode(T(x))), 0 for an "
+                  f"equivariant VAE. σ: PSNR of decode(z + σ·ε) on the normalised scale. Held-out loss: rectified-"
+                  f"flow MSE on fixed (latent, t, noise) triples, lower is easier to learn (latents without any "
+                  f"structure, white noise, score {white_noise_loss():.3f} at best). Means over the held-out images; in use: channels with KL above 0.01 "
+                  f"nats per element."]
+    if result["paired"]:
+        lines += ["", "Paired comparison (per-image difference B − A, mean and 95% confidence interval):", "",
+                  "| A | B | figure | mean B − A | 95% CI | better |", "|---|---|---|---:|---|---|"]
+        for d in result["paired"]:
+            lo, hi = d["ci95"]
+            better = "—"
+            if lo > 0 or hi < 0:
+                better = d["b"] if (lo > 0) != d["fewer_is_better"] else d["a"]
+            lines.append(f"| {d['a']} | {d['b']} | {d['metric']} | {d['mean_difference']:+.4f} | "
+                         f"[{lo:+.4f}, {hi:+.4f}] | {better} |")
+    if result["fid_skipped"]:
+        lines += ["", f"gFID skipped: {result['fid_skipped']}"]
+    if result["skipped_files"]:
+        lines += ["", f"{len(result['skipped_files'])} unreadable held-out files skipped (listed in metrics.json)."]
+    lines += ["", "Wall time (s): " + "; ".join(
+        f"{v}: " + ", ".join(f"{k.replace('_', ' ')} {t:.0f}" for k, t in r["seconds"].items())
+        for v, r in result["vaes"].items())]
+    lines += ["", "VAEs: " + "; ".join(f"{v} = `{r['path']}`" for v, r in result["vaes"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# --- figures ------------------------------------------------------------------------------------------------
+
+def _figure_png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    return buffer.getvalue()
+
+
+def spectrum_plot(result: dict):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    f, p = result["image_spectrum"]["profile"]
+    ax.semilogy(f, p, "k--", label=f"images at latent size ({result['image_spectrum']['high_frequency_fraction']:.2f})")
+    for v, r in result["vaes"].items():
+        f, p = r["spectrum"]["profile"]
+        ax.semilogy(f, p, label=f"{v} ({r['spectrum']['high_frequency_fraction']:.2f})")
+    ax.axvline(0.25, color="grey", lw=0.8)
+    ax.set_xlabel("radial frequency (cycles per latent pixel; Nyquist 0.5)")
+    ax.set_ylabel("power per coefficient (normalised)")
+    ax.set_title("Latent spectra; in brackets the energy fraction above 0.25", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def loss_plot(result: dict):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for k, (v, r) in enumerate(result["vaes"].items()):
+        colour = f"C{k}"
+        train = np.asarray(r["probe"]["train_loss"])
+        if len(train):
+            ax.plot(train[:, 0], train[:, 1], color=colour, alpha=0.35, lw=0.8)
+        held = np.asarray(r["probe"]["heldout_curve"])
+        ax.plot(held[:, 0], held[:, 1], "o-", color=colour, ms=3, label=f"{v} (held-out {r['probe']['heldout_loss']:.3f})")
+    ax.set_xlabel("denoiser step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_title("Training loss (faint, mean of 10 steps) and held-out loss (points)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def image_row(arrays: list) -> Image.Image:
+    """uint8 (H, W, 3) arrays side by side, top-aligned, on white."""
+    if not arrays:
+        return Image.new("RGB", (1, 1), "white")
+    width = sum(a.shape[1] for a in arrays) + GAP * (len(arrays) - 1)
+    row = Image.new("RGB", (width, max(a.shape[0] for a in arrays)), "white")
+    x = 0
+    for a in arrays:
+        row.paste(Image.fromarray(a), (x, 0))
+        x += a.shape[1] + GAP
+    return row
+
+
+@torch.no_grad()
+def equivariance_row(encode, decode, x: torch.Tensor) -> Image.Image:
+    """For each image: x | T(x), decode(T(z)) for each transform."""
+    z = encode(x)
+    arrays = []
+    for i in range(len(x)):
+        arrays.append(to_uint8(x[i:i + 1])[0])
+        for image_t, latent_t in transforms().values():
+            arrays += [to_uint8(image_t(x[i:i + 1]))[0], to_uint8(decode(latent_t(z[i:i + 1])))[0]]
+    return image_row(arrays)
+
+
+def labelled_rows(rows: dict) -> Image.Image:
+    """One row per VAE, its name above it."""
+    from .evaluate import _font
+
+    label = 18
+    width = max(r.width for r in rows.values())
+    figure = Image.new("RGB", (width, sum(r.height + label for r in rows.values())), "white")
+    draw, y = ImageDraw.Draw(figure), 0
+    for name, row in rows.items():
+        draw.text((3, y + 2), name, fill="black", font=_font())
+        figure.paste(row.convert("RGB"), (0, y + label))
+        y += row.height + label
+    return figure
