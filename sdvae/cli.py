@@ -226,7 +226,8 @@ def add_probe(command, parents) -> None:
     budget.add_argument("--minutes", type=float, default=None,
                         help="instead of --steps: the first VAE trains this long, the others as many steps")
     pr.add_argument("--denoiser", default="small", choices=["tiny", "small", "dit-s", "dit-b"],
-                    help="small: a UNet for CPUs (default); tiny: a smaller one for quick checks; dit-s / dit-b: DiT-S/2, DiT-B/2 for GPUs")
+                    help="small: a UNet for CPUs (default); tiny: a smaller one for quick checks; "
+                         "dit-s / dit-b: DiT-S/2, DiT-B/2 for GPUs")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--learning-rate", type=float, default=None, help="default 2e-4 (small), 1e-4 (DiT)")
     pr.add_argument("--seed", type=int, default=0, help="seeds the denoiser's init, batches, t and noise")

@@ -325,6 +325,24 @@ def paired_difference(a: list[float], b: list[float], name_a: str, name_b: str, 
             "images": n}
 
 
+def paired_table(paired: list[dict], label, fewer_is_better, digits) -> list[str]:
+    """Markdown lines for `paired_difference` results; label, fewer_is_better and digits are functions of the
+    metric. "better" names the VAE the interval favours, or — where it holds 0."""
+    if not paired:
+        return []
+    lines = ["", "Paired comparison (per-image difference B − A, mean and 95% confidence interval):", "",
+             "| A | B | metric | mean B − A | 95% CI | better |", "|---|---|---|---:|---|---|"]
+    for d in paired:
+        lo, hi = d["ci95"]
+        better = "—"
+        if lo > 0 or hi < 0:  # the interval excludes 0
+            better = d["b"] if (lo > 0) != fewer_is_better(d["metric"]) else d["a"]
+        k = digits(d["metric"])
+        lines.append(f"| {d['a']} | {d['b']} | {label(d['metric'])} | {d['mean_difference']:+.{k}f} | "
+                     f"[{lo:+.{k}f}, {hi:+.{k}f}] | {better} |")
+    return lines
+
+
 def per_image_csv(names, sizes, values) -> str:
     metrics = list(next(iter(values.values())))
     text = io.StringIO()
@@ -358,18 +376,8 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines += ["", "PSNR in dB (higher is better), SSIM higher is better; LPIPS and rFID lower is better. "
                   "Mean ± standard deviation over the images."]
-    if result["paired"]:
-        lines += ["", "Paired comparison (per-image difference B − A, mean and 95% confidence interval):", "",
-                  "| A | B | metric | mean B − A | 95% CI | better |", "|---|---|---|---:|---|---|"]
-        for d in result["paired"]:
-            lo, hi = d["ci95"]
-            better = "—"
-            if lo > 0 or hi < 0:  # the interval excludes 0
-                b_higher = lo > 0
-                better = d["b"] if b_higher != (d["metric"] in FEWER_IS_BETTER) else d["a"]
-            digits = 3 if d["metric"] == "psnr" else 4
-            lines.append(f"| {d['a']} | {d['b']} | {LABELS[d['metric']]} | {d['mean_difference']:+.{digits}f} | "
-                         f"[{lo:+.{digits}f}, {hi:+.{digits}f}] | {better} |")
+    lines += paired_table(result["paired"], LABELS.get, lambda m: m in FEWER_IS_BETTER,
+                          lambda m: 3 if m == "psnr" else 4)
     if result["skipped_metrics"]:
         lines += ["", "Skipped metrics:"]
         lines += [f"- {LABELS[m]}: {why}" for m, why in result["skipped_metrics"].items()]

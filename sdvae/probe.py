@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -86,15 +87,15 @@ class ProbeSettings:
 def probe(vaes: dict[str, str], data: str, out: str, settings: ProbeSettings | None = None, **flags) -> dict:
     """Probe every VAE on the same images; writes metrics.json, table.md and the figures to `out` and returns what
     metrics.json holds. Settings: a ProbeSettings, or its fields as keywords."""
+    from accelerate import PartialState
+
     from .codec import load_vae
     from .sources import as_dtype
-
-    from accelerate import PartialState
 
     s = dataclasses.replace(settings or ProbeSettings(), **flags)
     if PartialState().num_processes > 1:
         raise ValueError("sdvae probe runs in one process (one GPU); run it without accelerate launch / torchrun")
-    train_data, heldout_sources = split_data(data, s)  # missing or empty data fails here, before any model loads
+    train_data, heldout_sources = split_data(data, s)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -121,31 +122,27 @@ def probe(vaes: dict[str, str], data: str, out: str, settings: ProbeSettings | N
 def split_data(data: str, s: ProbeSettings):
     """(training data, held-out (name, source) pairs): --val-data when given, else every 10th image of --data
     (sorted by path), which training then leaves out. Training data is an image folder (through the latent cache)
-    or a `datasets` dataset (encoded in memory)."""
+    or a `datasets` dataset (encoded in memory). Missing or empty data is an error here, before any model loads."""
     from .evaluate import image_sources
 
-    path = Path(data)
-    if s.val_data is not None:
-        _, sources = image_sources(s.val_data, s.val_split, s.image_column)
-        heldout, leave_out = list(sources)[: s.val_images * 2], set()  # twice: room for unreadable files
-    elif path.is_dir() and not _is_dataset(path):
-        files = list_images(path)
-        picked = files[::10][: s.val_images * 2]
-        heldout, leave_out = [(str(f.relative_to(path)), f) for f in picked], {str(f.relative_to(path)) for f in picked}
+    if is_image_folder(data):
+        files = list_images(data)
+        sources = ((str(f.relative_to(data)), f) for f in files)
     else:
-        total, sources = image_sources(data, s.split, s.image_column)
-        rows = list(sources)
-        heldout = rows[::10][: s.val_images * 2]
-        leave_out = {name for name, _ in heldout}
-    if path.is_dir() and not _is_dataset(path):
-        list_images(path)  # no images at all is an error now
-    return dict(data=data, leave_out=leave_out), heldout
+        _, sources = image_sources(data, s.split, s.image_column)  # read lazily: only the held-out rows here
+    room = 2 * s.val_images  # twice as many as needed: room for unreadable files
+    if s.val_data is not None:
+        _, val_sources = image_sources(s.val_data, s.val_split, s.image_column)
+        return dict(data=data, leave_out=set()), list(itertools.islice(val_sources, room))
+    heldout = list(itertools.islice(sources, 0, 10 * room, 10))
+    return dict(data=data, leave_out={name for name, _ in heldout}), heldout
 
 
-def _is_dataset(path: Path) -> bool:
+def is_image_folder(data) -> bool:
     from .data import _looks_like_hf_dataset
 
-    return _looks_like_hf_dataset(path)
+    path = Path(data)
+    return path.is_dir() and not _looks_like_hf_dataset(path)
 
 
 def load_heldout(sources, s: ProbeSettings) -> dict:
@@ -170,7 +167,7 @@ def train_latents(codec, name: str, train_data: dict, s: ProbeSettings, out: Pat
     from .evaluate import batches, image_sources
 
     data = Path(train_data["data"])
-    if data.is_dir() and not _is_dataset(data):
+    if is_image_folder(data):
         cache_dir = out / "latents" / name
         build_cache(codec, data, cache_dir, CacheSettings(resolution=s.resolution, no_buckets=True, flip=True,
                                                           dtype=s.dtype, num_workers=s.num_workers,
@@ -181,7 +178,7 @@ def train_latents(codec, name: str, train_data: dict, s: ProbeSettings, out: Pat
         stds = [it[k] for it in items for k in ("std", "std_flipped")]
     else:
         means, stds, skipped = [], [], []
-        total, sources = image_sources(str(data), s.split, s.image_column)
+        _, sources = image_sources(str(data), s.split, s.image_column)
         kept = ((n, src) for n, src in sources if n not in train_data["leave_out"])
         for _, pixels in tqdm(batches(kept, s.resolution, False, 16, None, skipped, s.max_pixels),
                               desc=f"encode {name}", unit="batch"):
@@ -422,7 +419,7 @@ def protocol(s: ProbeSettings, heldout: dict, device) -> dict:
                 normalisation="z = (latent - mean) / std with the training latents' global mean and std",
                 objective="rectified flow: x_t = (1 - t) z + t eps, predict eps - z, MSE; t ~ U(0, 1), AdamW, "
                           "gradient norm clipped at 1",
-                heldout_loss=f"posterior means of the held-out images at t = {', '.join(f'{t:.2f}' for t in dn.T_GRID)}, "
-                             f"noise seeded per (image, t); mean over t per image",
+                heldout_loss=f"posterior means of the held-out images at t = "
+                             f"{', '.join(f'{t:.2f}' for t in dn.T_GRID)}, noise seeded per (image, t); mean over t",
                 sampler=f"Euler, {s.sample_steps} steps from t = 1", fid="pytorch-fid InceptionV3 pool3 features, "
                 f"{s.samples} samples against the held-out images")

@@ -29,11 +29,11 @@ def write_outputs(out: Path, result: dict, heldout: dict) -> None:
 
     vaes = list(result["vaes"])
     result["paired"] = []
-    for label, (where, fewer) in PAIRED.items():
+    for label, (where, _) in PAIRED.items():
         for i, a in enumerate(vaes):
             for b in vaes[i + 1:]:
                 d = paired_difference(_get(result["vaes"][a], where), _get(result["vaes"][b], where), a, b, label)
-                result["paired"].append(dict(d, fewer_is_better=fewer))
+                result["paired"].append(d)
     atomic_json(out / "metrics.json", result)
     atomic_write(out / "table.md", markdown_table(result))
     atomic_write(out / "spectrum.png", _figure_png(spectrum_plot(result)))
@@ -58,6 +58,8 @@ def _mean(values) -> float:
 
 
 def markdown_table(result: dict) -> str:
+    from .evaluate import paired_table
+
     p = result["protocol"]
     s = p["settings"]
     lines = [f"Diffusion probe on `{result['data']}`: {p['heldout_images']} held-out images"
@@ -82,18 +84,9 @@ def markdown_table(result: dict) -> str:
                   f"PSNR of decode(T(z)) against T(x), in brackets the gap to decode(encode(T(x))), 0 for an "
                   f"equivariant VAE. σ: PSNR of decode(z + σ·ε) on the normalised scale. Held-out loss: rectified-"
                   f"flow MSE on fixed (latent, t, noise) triples, lower is easier to learn (latents without any "
-                  f"structure, white noise, score {white_noise_loss():.3f} at best). Means over the held-out images; in use: channels with KL above 0.01 "
-                  f"nats per element."]
-    if result["paired"]:
-        lines += ["", "Paired comparison (per-image difference B − A, mean and 95% confidence interval):", "",
-                  "| A | B | figure | mean B − A | 95% CI | better |", "|---|---|---|---:|---|---|"]
-        for d in result["paired"]:
-            lo, hi = d["ci95"]
-            better = "—"
-            if lo > 0 or hi < 0:
-                better = d["b"] if (lo > 0) != d["fewer_is_better"] else d["a"]
-            lines.append(f"| {d['a']} | {d['b']} | {d['metric']} | {d['mean_difference']:+.4f} | "
-                         f"[{lo:+.4f}, {hi:+.4f}] | {better} |")
+                  f"structure, white noise, score {white_noise_loss():.3f} at best). Means over the held-out images; "
+                  f"in use: channels with KL above 0.01 nats per element."]
+    lines += paired_table(result["paired"], str, lambda figure: PAIRED[figure][1], lambda figure: 4)
     if result["fid_skipped"]:
         lines += ["", f"gFID skipped: {result['fid_skipped']}"]
     if result["skipped_files"]:
@@ -144,7 +137,8 @@ def loss_plot(result: dict):
         if len(train):
             ax.plot(train[:, 0], train[:, 1], color=colour, alpha=0.35, lw=0.8)
         held = np.asarray(r["probe"]["heldout_curve"])
-        ax.plot(held[:, 0], held[:, 1], "o-", color=colour, ms=3, label=f"{v} (held-out {r['probe']['heldout_loss']:.3f})")
+        ax.plot(held[:, 0], held[:, 1], "o-", color=colour, ms=3,
+                label=f"{v} (held-out {r['probe']['heldout_loss']:.3f})")
     ax.set_xlabel("denoiser step")
     ax.set_ylabel("flow-matching loss")
     ax.set_title("Training loss (faint, mean of 10 steps) and held-out loss (points)", fontsize=10)
