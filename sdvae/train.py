@@ -453,6 +453,17 @@ def write_log(run: Run, window: LogWindow, progress) -> None:
         means["ema_decay"] = run.ema.cur_decay_value
     run.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=state.step)
     progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
+    if run.cfg.max_minutes > 0:
+        progress.total = steps_in_time(run.cfg, progress.n, progress.n - progress.initial, window.started)
+
+
+def steps_in_time(cfg, step: int, steps_done: int, started: float) -> int:
+    """The step the run will stop at: max_steps, or where max_minutes ends it at the rate so far, whichever comes
+    first, so that the progress bar and its ETA tell the truth about a time-limited run."""
+    elapsed = time.time() - started
+    left = max(cfg.max_minutes * 60 - elapsed, 0.0)
+    expected = step + round(steps_done / max(elapsed, 1e-9) * left)
+    return max(step, min(cfg.max_steps, expected))
 
 
 def stop_reason(run: Run, signals: StopSignals, started: float) -> tuple[bool, int]:

@@ -175,3 +175,16 @@ def test_data_where_no_image_can_be_read_is_an_error_not_an_endless_loop(tmp_pat
         (folder / f"{i}.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="none of the 3 images"):
         train(config(tmp_path, folder, max_steps=2, batch_size=2))
+
+
+def test_progress_total_is_the_step_max_minutes_will_stop_at():
+    import time
+
+    from sdvae.config import TrainConfig
+    from sdvae.train import steps_in_time
+
+    started = time.time() - 6  # 10 steps in 6 s: 54 s left of a 1-minute run make about 90 more
+    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 10, 10, started) == pytest.approx(100, abs=2)
+    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=50), 10, 10, started) == 50  # max_steps first
+    late = time.time() - 120  # past the time limit: the run stops at the current step
+    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 10, 10, late) == 10
