@@ -68,7 +68,7 @@ def train(cfg: TrainConfig) -> dict:
                     if run.ema is not None:
                         run.ema.step(run.trained)
                     stop, signum = stop_reason(run, signals, window.started)
-                    progress.update(1)
+                    advance(progress, cfg, window.started, stop)
                     if state.step % cfg.log_every == 0 or stop:
                         write_log(run, window, progress)
                     if run.preview is not None and main and (state.step % cfg.sample_every == 0 or stop):
@@ -453,8 +453,17 @@ def write_log(run: Run, window: LogWindow, progress) -> None:
         means["ema_decay"] = run.ema.cur_decay_value
     run.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=state.step)
     progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
-    if run.cfg.max_minutes > 0:
-        progress.total = steps_in_time(run.cfg, progress.n, progress.n - progress.initial, window.started)
+
+
+def advance(progress, cfg, started: float, stop: bool) -> None:
+    """One step on the bar, whose total is the step the run stops at: max_steps, the last step, or for a
+    time-limited run the estimate, which never falls behind while time is left."""
+    step = progress.n + 1
+    if stop:
+        progress.total = step
+    elif cfg.max_minutes > 0:
+        progress.total = max(step + 1, steps_in_time(cfg, step, step - progress.initial, started))
+    progress.update(1)
 
 
 def steps_in_time(cfg, step: int, steps_done: int, started: float) -> int:
