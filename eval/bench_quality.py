@@ -8,13 +8,19 @@ Training data: BSDS500 train + test (400 photos, `../shared/data`). Each trainer
 resized, centre crop), Kodak at full size and BSDS500 val at 256 px. Rows are added to (or replaced in)
 eval/results/bench_quality_cpu.json, and the table eval/results/bench_quality_cpu.md is written from it.
 
-The diffusers example (`train_autoencoderkl.py`) is not part of the diffusers package and is not run yet: its row
-says so (issue 15).
+The peer is diffusers' example trainer, `train_autoencoderkl.py`, which is not in the diffusers package: pass a copy
+from a diffusers checkout (`--diffusers-example PATH`, or the DIFFUSERS_EXAMPLE environment variable; it needs
+`pip install taming-transformers`), and it runs the same minutes on the same folder through eval/diffusers_example.py
+(lr 1e-4, MSE, batch 8, 128 px, the same `tiny` architecture); without it its row says why it was skipped.
+
+    python eval/bench_quality.py --diffusers-example ~/diffusers/examples/research_projects/autoencoderkl/train_autoencoderkl.py
+    python eval/bench_quality.py --only-example --diffusers-example PATH      # the peer's row alone
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,8 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sdvae.losses import vgg16_cache_path  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "eval" / "results" / "bench_quality_cpu"
 SETS = {  # label: (folder, extra sdvae eval flags)
     "Kodak 256": ("kodak", []),
     "Kodak full": ("kodak", ["--full-size"]),
@@ -47,9 +55,10 @@ def sdvae_bin() -> str:
     return str(Path(sys.executable).with_name("sdvae"))
 
 
-def train_sdvae(config: str, overrides: list[str], minutes: float, data: Path, out: Path) -> dict:
-    command = [sdvae_bin(), "train", "--config", config, f"data={data}", "perceptual_weight=0",
-               f"max_minutes={minutes}", f"output_dir={out}", *overrides]
+def train_sdvae(config: str, overrides: list[str], minutes: float, data: Path, out: Path, vgg: Path | None) -> dict:
+    perceptual = [f"lpips_vgg_weights={vgg}"] if vgg else ["perceptual_weight=0"]  # else the config's weight
+    command = [sdvae_bin(), "train", "--config", config, f"data={data}", *perceptual, f"max_minutes={minutes}",
+               f"output_dir={out}", *overrides]
     start = time.time()
     subprocess.run(command, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -59,9 +68,36 @@ def train_sdvae(config: str, overrides: list[str], minutes: float, data: Path, o
                 if metrics.get("wall_seconds") else None)
 
 
-def score(vae: Path, work: Path, name: str) -> dict:
+EXAMPLE_ROW = "diffusers train_autoencoderkl.py (lr 1e-4, MSE)"
+EXAMPLE_FLAGS = ["--resolution", "128", "--train_batch_size", "8", "--learning_rate", "1e-4", "--rec_loss", "l2",
+                 "--seed", "0", "--max_train_steps", "1000000", "--checkpointing_steps", "1000000",
+                 "--report_to", "aim"]  # aim is not installed: no tracker (its tensorboard one fails on its own config)
+
+
+def train_example(script: Path, minutes: float, data: Path, work: Path, vgg: Path | None) -> dict:
+    """The diffusers example, unchanged, on the `tiny` architecture; LPIPS under its no_grad either way."""
+    from diffusers import AutoencoderKL
+
+    from sdvae.models import preset_config
+
+    AutoencoderKL(**preset_config("tiny")).save_config(work / "tiny-config")
+    out = work / "example"
+    validation = sorted((DATA / "bsds500" / "val").glob("*.jpg"))[0]  # it logs one image; held out anyway
+    command = [sys.executable, str(ROOT / "eval" / "diffusers_example.py"), str(script), "--minutes", str(minutes),
+               "--out", str(out), *(["--lpips-vgg-weights", str(vgg)] if vgg else []),
+               "--", "--model_config_name_or_path", str(work / "tiny-config"),
+               "--train_data_dir", str(data), "--validation_image", str(validation),
+               "--perceptual_scale", "0.5" if vgg else "0", *EXAMPLE_FLAGS]
+    subprocess.run(command, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    run = json.loads((out / "example_run.json").read_text())
+    return dict(command=" ".join(command[1:]), steps=run["steps"], wall_seconds=round(run["wall_seconds"], 1),
+                seconds_per_step=round(run["wall_seconds"] / max(run["steps"], 1), 3)), out
+
+
+def score(vae: Path, work: Path, name: str, sets: list[str]) -> dict:
     scores = {}
-    for label, (folder, flags) in SETS.items():
+    for label in sets:
+        folder, flags = SETS[label]
         out = work / "eval" / name / label.replace(" ", "-")
         subprocess.run([sdvae_bin(), "eval", "--vae", f"{name}={vae}", "--data", str(DATA / folder), "--out", str(out),
                         "--no-download", "--no-fid", *flags], check=True, stdout=subprocess.DEVNULL)
@@ -70,20 +106,27 @@ def score(vae: Path, work: Path, name: str) -> dict:
     return scores
 
 
-def write_table(rows: dict) -> None:
+def write_table(rows: dict, results: Path) -> None:
+    sets = [s for s in SETS if any(s in r.get("scores", {}) for r in rows.values())]
     lines = ["# Quality at equal wall time: CPU, 2 cores, fp32", "",
              "`python eval/bench_quality.py` (see its docstring). Training on BSDS500 train + test (400 photos), "
              "`perceptual_weight=0`; PSNR (dB) / SSIM of the export, posterior mode, 8 bits.", "",
-             "| trainer | minutes | steps | s/step | " + " | ".join(SETS) + " |",
-             "|---|---:|---:|---:|" + "---|" * len(SETS)]
+             "| trainer | minutes | steps | s/step | " + " | ".join(sets) + " |",
+             "|---|---:|---:|---:|" + "---|" * len(sets)]
     for name, r in rows.items():
         if "skipped" in r:
-            lines.append(f"| {name} | | | | skipped: {r['skipped']} |" + " |" * (len(SETS) - 1))
+            lines.append(f"| {name} | | | | skipped: {r['skipped']} |" + " |" * (len(sets) - 1))
             continue
-        cells = " | ".join(f"{r['scores'][s]['psnr']:.2f} / {r['scores'][s]['ssim']:.3f}" for s in SETS)
+        cells = " | ".join(f"{r['scores'][s]['psnr']:.2f} / {r['scores'][s]['ssim']:.3f}" if s in r["scores"] else ""
+                           for s in sets)
         lines.append(f"| {name} | {r['minutes']:g} | {r['steps']} | {r['seconds_per_step']} | {cells} |")
     lines += ["", "Commands:", ""] + [f"- {name}: `{r['command']}`" for name, r in rows.items() if "command" in r]
-    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def save(rows: dict, results: Path) -> None:
+    results.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_table(rows, results)
 
 
 def main():
@@ -91,22 +134,46 @@ def main():
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--config", default=str(ROOT / "train" / "configs" / "tiny.yaml"))
     parser.add_argument("--name", default="sdvae tiny.yaml defaults", help="the row's name")
+    parser.add_argument("--diffusers-example", type=Path, default=os.environ.get("DIFFUSERS_EXAMPLE"),
+                        help="a copy of diffusers' examples/research_projects/autoencoderkl/train_autoencoderkl.py")
+    parser.add_argument("--only-example", action="store_true", help="run the peer's row alone")
+    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), metavar="SET",
+                        help=f"score on these ({', '.join(repr(s) for s in SETS)})")
+    parser.add_argument("--results", default="bench_quality_cpu", help="the table's name in eval/results/ "
+                        "(screening runs: bench_quality_screen_cpu)")
+    parser.add_argument("--lpips-vgg-weights", type=Path, default=None,
+                        help="VGG16 ImageNet weights: both trainers also run with their perceptual term")
     parser.add_argument("overrides", nargs="*", help="key=value settings for the sdvae run")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"the image sets are not at {DATA}")
     work = Path(tempfile.mkdtemp(prefix="sdvae-quality-"))
     data = training_folder(work)
-    rows_file = RESULTS.with_suffix(".json")
+    results = ROOT / "eval" / "results" / args.results
+    rows_file = results.with_suffix(".json")
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else {}
 
-    row = train_sdvae(args.config, args.overrides, args.minutes, data, work / "sdvae")
-    rows[args.name] = dict(row, minutes=args.minutes, scores=score(work / "sdvae", work, "sdvae"))
-    rows.setdefault("diffusers train_autoencoderkl.py", dict(skipped="not run yet: the script is not in the diffusers "
-                                                                     "package (issue 15)"))
-    rows_file.write_text(json.dumps(rows, indent=1) + "\n")
-    write_table(rows)
-    print(RESULTS.with_suffix(".md").read_text())
+    vgg = args.lpips_vgg_weights or (vgg16_cache_path() if vgg16_cache_path().is_file() else None)
+    for suffix, weights in [("", None)] + ([(" + LPIPS", vgg)] if vgg else []):
+        if not args.only_example:
+            out = work / f"sdvae{suffix.strip(' +')}"
+            row = train_sdvae(args.config, args.overrides, args.minutes, data, out, weights)
+            rows[args.name + suffix] = dict(row, minutes=args.minutes, scores=score(out, work, "sdvae", args.sets))
+            save(rows, results)
+        if args.diffusers_example is None or not Path(args.diffusers_example).is_file():
+            where = args.diffusers_example or "pass --diffusers-example PATH"
+            rows.setdefault(EXAMPLE_ROW + suffix, dict(skipped=f"no copy of the script ({where}); it is not in "
+                                                              f"the diffusers package"))
+        else:
+            row, out = train_example(Path(args.diffusers_example), args.minutes, data, work / f"ex{suffix.strip(' +')}",
+                                     weights)
+            rows[EXAMPLE_ROW + suffix] = dict(row, minutes=args.minutes, scores=score(out, work, "example", args.sets))
+        save(rows, results)
+    if not vgg:
+        rows["both with the perceptual term"] = dict(skipped=f"no VGG16 ImageNet weights for LPIPS (looked in "
+                                                             f"{vgg16_cache_path()}; or pass --lpips-vgg-weights)")
+        save(rows, results)
+    print(results.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class TrainState:
     skipped: set = field(default_factory=set)  # names of unreadable files
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
+    train_seconds: float = 0.0  # wall time trained so far, over every resume: max_minutes and the schedule count it
     ema: dict | None = None  # EMAModel.state_dict() without its tensors (those are in ema.safetensors)
 
     def to_dict(self) -> dict:

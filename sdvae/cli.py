@@ -262,7 +262,7 @@ def run_train(args) -> int:
         cfg = load_config(args.config, overrides, defaults=settings)
     if cfg.data is None:
         data, notice = demo.demo_defaults(cfg.output_dir, cfg.resolution, "perceptual_weight" in given)
-        cfg = dataclasses.replace(cfg, **data)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in data.items() if k not in given})
         print(f"demo: training '{cfg.model}' on the photos scikit-image ships ({cfg.data}), "
               f"held-out crops in {cfg.val_data}")
         if notice:

@@ -31,10 +31,16 @@ class TrainConfig:
     val_data: str | None = None  # folder or dataset of held-out images, scored with PSNR/SSIM
     val_split: str = "validation"  # split of val_data when it is a Hugging Face dataset
     val_max_images: int = 64
+    val_resolution: int | None = None  # side of val_data's centre crops (default: resolution)
     resolution: int = 256
     random_flip: bool = True
     max_pixels: int = 100_000_000  # images with more pixels are skipped and counted, before they are decoded
-    num_workers: int = 2
+    # loader processes per training process; empty: 0 when training on the CPU (they would take cores from the
+    # compute threads), else min(8, CPUs per process)
+    num_workers: int | None = None
+    # keep decoded training images in memory (up to this many MiB per process) instead of decoding every epoch
+    image_cache_mb: int = 1024
+    channels_last: bool = True  # the memory layout convolutions run fastest in, on CPUs and tensor cores alike
 
     # optimisation (Adam betas 0.5/0.9 as in the LDM recipe)
     batch_size: int = 4
@@ -47,6 +53,10 @@ class TrainConfig:
     adam_beta2: float = 0.9
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
+    # constant | cosine: after the warm-up, down to lr_min_ratio x learning_rate where the run ends (max_steps, or
+    # max_minutes when that comes first)
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0 disables clipping
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16 (fp32 master weights in every case)
@@ -58,6 +68,9 @@ class TrainConfig:
     lpips_vgg_weights: str | None = None  # local vgg16 ImageNet weights; default: the torch hub cache
     kl_weight: float = 1e-6
     sample_posterior: bool = True  # z = mu + sigma * eps while training (False: use the mean)
+    # a VAE trained from scratch starts with this posterior log-variance (diffusers' init gives about 0: sigma 1, so
+    # the first steps decode mostly noise); none: as initialised
+    posterior_logvar_init: float | None = None
     learn_logvar: bool = False  # LDM's learned output log-variance: nll = rec / exp(logvar) + logvar
     logvar_init: float = 0.0
 
@@ -80,7 +93,7 @@ class TrainConfig:
     output_dir: str = "runs/sdvae"
     log_every: int = 10
     sample_every: int = 500  # image grids to TensorBoard and samples/
-    preview_images: int = 8  # images in those grids and in reconstructions.png (0: none)
+    preview_images: int = 8  # images in those grids (0: none, and no reconstructions.png at the end)
     checkpoint_every: int = 1000
     checkpoints_total_limit: int = 3  # keep the last K checkpoints (0: keep all)
     resume: str | None = None  # `latest` or a checkpoint folder
@@ -135,7 +148,8 @@ def build_config(values: dict) -> TrainConfig:
 
 def _check(cfg: TrainConfig) -> None:
     choices = {"rec_loss": ("l1", "mse"), "mixed_precision": ("no", "fp16", "bf16"), "optimizer": ("adam", "adamw"),
-               "disc_loss": ("hinge", "vanilla"), "disc_norm": ("auto", "batch", "group")}
+               "disc_loss": ("hinge", "vanilla"), "disc_norm": ("auto", "batch", "group"),
+               "lr_schedule": ("constant", "cosine")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
@@ -144,13 +158,17 @@ def _check(cfg: TrainConfig) -> None:
                 "log_every", "sample_every", "max_pixels"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {getattr(cfg, key)}")
-    if cfg.resolution % 8:
-        raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {cfg.resolution}")
+    for key in ("resolution", "val_resolution"):
+        if getattr(cfg, key) is not None and (getattr(cfg, key) < 8 or getattr(cfg, key) % 8):
+            raise ValueError(f"{key} must be a multiple of 8 (the VAE downsamples 8x), got {getattr(cfg, key)}")
     if cfg.train_decoder_only and not cfg.init_from:
         raise ValueError("train_decoder_only needs init_from: the VAE whose encoder stays frozen")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    for key in ("perceptual_weight", "kl_weight", "learning_rate", "disc_weight", "disc_start", "lr_warmup_steps"):
+    if not 0 <= cfg.lr_min_ratio <= 1:
+        raise ValueError(f"lr_min_ratio must be in [0, 1], got {cfg.lr_min_ratio}")
+    for key in ("perceptual_weight", "kl_weight", "learning_rate", "disc_weight", "disc_start", "lr_warmup_steps",
+                "image_cache_mb", "max_minutes"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must not be negative")
 

@@ -63,12 +63,24 @@ class _ImageSource(Dataset):
     """Map-style images: subclasses say where image i comes from (`source`) and what to call it (`name`)."""
 
     transform: ImageTransform
+    decoded: "DecodedImages | None" = None
 
     def set_epoch(self, epoch: int):
         self.transform.epoch = epoch
 
+    def keep_decoded(self, megabytes: int) -> None:
+        """Decode each image once and keep it (until `megabytes` are held): later epochs only crop. Worth it in the
+        process that trains; loader workers are copies, made again every epoch."""
+        self.decoded = DecodedImages(megabytes) if megabytes > 0 else None
+
     def __getitem__(self, i):
-        return _load(self.source(i), self.name(i), self.transform, i)
+        if self.decoded is not None and i in self.decoded.images:
+            return _crop(self.decoded.images[i], self.name(i), self.transform, i)
+        item = _load(self.source(i), self.name(i), self.transform, i)
+        if self.decoded is not None and "image" in item:
+            self.decoded.add(i, item["image"])
+        item.pop("image", None)
+        return item
 
     def centre_cropped(self):
         """The same images, centre-cropped and unflipped (for validation), without listing them again."""
@@ -94,10 +106,30 @@ class ImageFolder(_ImageSource):
         return str(self.files[i])
 
 
+class DecodedImages:
+    """Decoded RGB images by index, up to a memory budget (the first ones that fit stay)."""
+
+    def __init__(self, megabytes: int):
+        self.images, self.free = {}, megabytes * 2**20
+
+    def add(self, index: int, image: Image.Image) -> None:
+        size = image.width * image.height * 3
+        if size <= self.free:
+            self.images[index], self.free = image, self.free - size
+
+
 def _load(source, name: str, transform, index: int):
     try:
-        return {"pixel_values": transform(open_image(source, transform.max_pixels), index), "name": name}
+        image = open_image(source, transform.max_pixels)
     except Exception as e:  # any undecodable file: count it, never kill the run
+        return {"pixel_values": None, "name": name, "error": f"{type(e).__name__}: {e}"}
+    return dict(_crop(image, name, transform, index), image=image)
+
+
+def _crop(image: Image.Image, name: str, transform, index: int) -> dict:
+    try:
+        return {"pixel_values": transform(image, index), "name": name}
+    except Exception as e:
         return {"pixel_values": None, "name": name, "error": f"{type(e).__name__}: {e}"}
 
 
@@ -146,7 +178,9 @@ class HFStreamingImageDataset(IterableDataset):
         for i, row in enumerate(self.dataset):
             if self.column not in row:
                 raise ValueError(f"image column '{self.column}' not in the dataset; columns: {list(row)}")
-            yield _load(row[self.column], f"{self.column}[{i}]", self.transform, i)
+            item = _load(row[self.column], f"{self.column}[{i}]", self.transform, i)
+            item.pop("image", None)
+            yield item
 
 
 def build_dataset(data: str, resolution: int, image_column: str = "image", split: str = "train",

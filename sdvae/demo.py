@@ -1,7 +1,8 @@
 """The embedded default: `sdvae train` with no data trains `tiny` on the photos scikit-image ships.
 
-Each photo loses a strip on its right edge to the held-out set, so the PSNR/SSIM reported at the end
-are measured on pixels the model never trained on.
+Each photo loses a strip on its right edge to the held-out set (squares of HOLDOUT pixels, twice the training crop,
+so that reconstructions.png shows detail), so the PSNR/SSIM reported at the end are measured on pixels the model
+never trained on.
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def load_photo(name: str) -> np.ndarray:
     return image[..., :3]
 
 
-def prepare_data(root: str | Path, resolution: int) -> tuple[Path, Path]:
-    """Write train/ (each photo minus its right strip) and holdout/ (square crops down that strip)."""
+HOLDOUT = 128
+
+
+def prepare_data(root: str | Path, resolution: int = HOLDOUT) -> tuple[Path, Path]:
+    """Write train/ (each photo minus its right strip) and holdout/ (`resolution` squares down that strip)."""
     root = Path(root)
     train_dir, holdout_dir = root / "train", root / "holdout"
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -63,8 +67,9 @@ def prepare_data(root: str | Path, resolution: int) -> tuple[Path, Path]:
 
 def demo_defaults(output_dir: str, resolution: int, perceptual_weight_set: bool) -> tuple[dict, str | None]:
     """Settings the demo adds under the user's own; and a notice when LPIPS must be left out."""
-    train_dir, holdout_dir = prepare_data(Path(output_dir) / "data", resolution)
-    values = dict(data=str(train_dir), val_data=str(holdout_dir))
+    side = max(HOLDOUT, resolution)
+    train_dir, holdout_dir = prepare_data(Path(output_dir) / "data", side)
+    values = dict(data=str(train_dir), val_data=str(holdout_dir), val_resolution=side)  # scored whole
     notice = None
     if not perceptual_weight_set and not vgg16_cache_path().is_file():
         values["perceptual_weight"] = 0.0

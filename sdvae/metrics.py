@@ -110,6 +110,25 @@ def comparison_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, columns
     return Image.fromarray(np.concatenate(rows, axis=0))
 
 
+def error_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, min_side: int = 384,
+               gain: float = 4.0) -> Image.Image:
+    """One row per image: input | reconstruction | error (mean |difference| over the channels, x `gain`, as a
+    heat map). Small images are enlarged by an integer factor (nearest) to at least `min_side`, so detail shows."""
+    from matplotlib import colormaps
+
+    a, b = to_uint8(inputs), to_uint8(reconstructions)
+    error = np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(axis=-1) / 255 * gain
+    heat = (colormaps["inferno"](np.clip(error, 0, 1))[..., :3] * 255).astype(np.uint8)
+    zoom = max(1, -(-min_side // max(a.shape[1], a.shape[2])))
+    gap = np.full((a.shape[1] * zoom, 4, 3), 255, np.uint8)
+    rows = []
+    for panels in zip(a, b, heat):
+        large = [p.repeat(zoom, axis=0).repeat(zoom, axis=1) for p in panels]
+        rows += [np.concatenate([large[0], gap, large[1], gap, large[2]], axis=1),
+                 np.full((4, 3 * a.shape[2] * zoom + 8, 3), 255, np.uint8)]
+    return Image.fromarray(np.concatenate(rows[:-1], axis=0))
+
+
 # --- rFID ---------------------------------------------------------------------------------------------------
 
 @contextmanager

@@ -36,7 +36,7 @@ from .discriminator import NLayerDiscriminator, discriminator_term, generator_te
 from .files import FolderLock, FolderLocked, atomic_json, atomic_write, remove_stale_temporaries, write_failure
 from .images import png_bytes
 from .losses import AutoencoderLoss, build_lpips
-from .metrics import comparison_grid, reconstruct, score, summarise
+from .metrics import comparison_grid, error_grid, reconstruct, score, summarise
 from .models import VAETrainingForward, build_vae
 
 log = logging.getLogger("sdvae")
@@ -51,13 +51,13 @@ def train(cfg: TrainConfig) -> dict:
         try:
             run = build_run(cfg, accelerator)
             state, main = run.state, accelerator.is_main_process
-            if state.step >= cfg.max_steps:
+            if state.step >= cfg.max_steps or 0 < cfg.max_minutes * 60 <= state.train_seconds:
                 return nothing_to_do(run)
             start_run_folder(run)
             at_start = evaluate(run.vae, run.val_batches, accelerator.device) if (
                 run.val_batches and main and not cfg.resume) else None  # the baseline of the final scores
             window, micro_batches = LogWindow(), batches(run)
-            stop, signum = False, 0
+            stop, signum, trained_before = False, 0, state.train_seconds
             with tqdm(total=cfg.max_steps, initial=state.step, disable=not main, desc="train", unit="step") as progress:
                 while not stop:
                     result = train_step(run, micro_batches)
@@ -65,10 +65,11 @@ def train(cfg: TrainConfig) -> dict:
                         continue  # skipped and counted: a non-finite loss, gradient or update
                     window.add(*result)
                     state.step += 1
+                    state.train_seconds = trained_before + time.time() - window.started
                     if run.ema is not None:
                         run.ema.step(run.trained)
-                    stop, signum = stop_reason(run, signals, window.started)
-                    advance(progress, cfg, window.started, stop)
+                    stop, signum = stop_reason(run, signals)
+                    advance(progress, cfg, state, window.started, stop)
                     if state.step % cfg.log_every == 0 or stop:
                         write_log(run, window, progress)
                     if run.preview is not None and main and (state.step % cfg.sample_every == 0 or stop):
@@ -187,17 +188,22 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     # Data first: a missing or empty dataset must fail before any model is built.
     dataset = build_dataset(cfg.data, cfg.resolution, cfg.image_column, cfg.data_split, cfg.streaming,
                             cfg.random_flip, seed=cfg.seed, max_pixels=cfg.max_pixels)
+    workers = loader_workers(cfg, accelerator)
+    if workers == 0 and hasattr(dataset, "keep_decoded"):
+        dataset.keep_decoded(cfg.image_cache_mb)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not isinstance(dataset, IterableDataset),
-                        num_workers=cfg.num_workers, collate_fn=collate, drop_last=False,
-                        worker_init_fn=ignore_stop_signals)
+                        num_workers=workers, collate_fn=collate, drop_last=False, worker_init_fn=ignore_stop_signals)
     preview, val_batches = load_validation(cfg, dataset)
     module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
+    if cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
     lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
     criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model).to(accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(params, lr=learning_rate(cfg, accelerator, 0), betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.weight_decay)  # the first step is the warm-up's first
+                                weight_decay=cfg.weight_decay,  # the first step is the warm-up's first
+                                fused=accelerator.device.type == "cuda" or None)  # one kernel; slower on CPUs
     model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.resume) if cfg.resume else None
     late_disc = checkpoint is not None and cfg.disc_weight > 0 and not has_discriminator(checkpoint)
@@ -232,8 +238,20 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     return run
 
 
+def loader_workers(cfg: TrainConfig, accelerator) -> int:
+    """On the CPU, loader processes take cores from the compute threads; on a GPU they decode while it computes."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if accelerator.device.type == "cpu":
+        return 0
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    return max(1, min(8, (os.cpu_count() or 1) // processes_here - 1))
+
+
 def trainable_vae(cfg: TrainConfig):
     vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
+    if cfg.posterior_logvar_init is not None and not cfg.init_from:
+        set_posterior_logvar(vae, cfg.posterior_logvar_init)
     if cfg.init_from:
         from .export import assert_finite
 
@@ -247,6 +265,16 @@ def trainable_vae(cfg: TrainConfig):
     return vae
 
 
+@torch.no_grad()
+def set_posterior_logvar(vae, logvar: float) -> None:
+    """Start the posterior's log-variance at `logvar` everywhere: its output layer (quant_conv, or the encoder's
+    last conv where there is none) gets that bias and no weights on the log-variance half."""
+    layer = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    half = layer.out_channels // 2
+    layer.weight[half:] = 0
+    layer.bias[half:] = logvar
+
+
 def lr_scale(cfg: TrainConfig, accelerator) -> int:
     """LDM: base rate x processes x batch x accumulation, for the autoencoder and the discriminator alike."""
     if not cfg.scale_lr:
@@ -254,17 +282,32 @@ def lr_scale(cfg: TrainConfig, accelerator) -> int:
     return accelerator.num_processes * cfg.batch_size * cfg.gradient_accumulation_steps
 
 
-def learning_rate(cfg: TrainConfig, accelerator, step: int) -> float:
-    """Linear warm-up, then constant: a function of the step alone, so that a resumed run continues exactly."""
+def learning_rate(cfg: TrainConfig, accelerator, step: int, progress: float = 0.0) -> float:
+    """Linear warm-up, then constant or a cosine down to lr_min_ratio x the rate at progress 1 (see run_progress).
+    A function of the step alone when the run is limited by max_steps, so that a resumed run continues exactly."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
-    return cfg.learning_rate * lr_scale(cfg, accelerator) * warm
+    decay = 1.0
+    if cfg.lr_schedule == "cosine":
+        decay = cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.learning_rate * lr_scale(cfg, accelerator) * warm * decay
+
+
+def run_progress(cfg: TrainConfig, state: TrainState) -> float:
+    """How far the run is towards its end, 0 to 1: by steps, or by time when max_minutes will end it first."""
+    by_time = state.train_seconds / (cfg.max_minutes * 60) if cfg.max_minutes > 0 else 0.0
+    return min(1.0, max(state.step / cfg.max_steps, by_time))
 
 
 def nothing_to_do(run: Run) -> dict:
-    export = run.out / "vae"
+    export, state, cfg = run.out / "vae", run.state, run.cfg
     hint = "" if export.is_dir() else f"; export it with: sdvae export {run.out} --out {export}"
-    run.accelerator.print(f"the checkpoint is at step {run.state.step} and max_steps is {run.cfg.max_steps}: "
-                          f"nothing to do, {run.out} is left as it is (raise max_steps to train on){hint}")
+    if state.step >= cfg.max_steps:
+        where, limit = f"is at step {state.step} and max_steps is {cfg.max_steps}", "max_steps"
+    else:
+        where = f"has trained {state.train_seconds / 60:.1f} minutes and max_minutes is {cfg.max_minutes:g}"
+        limit = "max_minutes"
+    run.accelerator.print(f"the checkpoint {where}: nothing to do, {run.out} is left as it is (raise {limit} to "
+                          f"train on){hint}")
     return {}
 
 
@@ -310,14 +353,13 @@ def train_step(run: Run, micro_batches) -> tuple[list, int] | None:
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     use_disc = run.disc is not None and state.step >= cfg.disc_start  # before disc_start it costs nothing
     for group in run.optimizer.param_groups:  # set here, not after the step: a resume may change the rate
-        group["lr"] = learning_rate(cfg, accelerator, state.step)
-    window, images, problem = [], 0, None
+        group["lr"] = learning_rate(cfg, accelerator, state.step, run_progress(cfg, state))
+    window, images, losses = [], 0, []
     for x in micro_batches:
         with accelerator.accumulate(run.model, *([run.disc] if run.disc is not None else [])):
             loss, logs, reconstruction = vae_backward(run, x, use_disc)
-            if problem is None and not all_processes_agree(accelerator, bool(torch.isfinite(loss))):
-                problem = "loss"
-            if problem is None and use_disc:
+            losses.append(loss.detach())
+            if use_disc:
                 d_loss, d_logs = discriminator_term(run.disc, x, reconstruction, cfg.disc_loss)
                 accelerator.backward(d_loss)
                 logs.update(d_logs)
@@ -325,10 +367,9 @@ def train_step(run: Run, micro_batches) -> tuple[list, int] | None:
         images += x.shape[0] * accelerator.num_processes
         if accelerator.sync_gradients:
             break
-    if problem is None:  # the norm is logged also when clipping is off
-        window[-1]["grad_norm"] = grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)
-        if accelerator.scaler is None and not all_processes_agree(accelerator, bool(torch.isfinite(grad_norm))):
-            problem = "gradient"  # (fp16's scaler skips such steps itself, and lowers its scale)
+    # the norm is logged also when clipping is off
+    window[-1]["grad_norm"] = grad_norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)
+    problem = nonfinite_problem(accelerator, losses, grad_norm)
     if problem is None:
         run.guard.save()
         run.optimizer.step()
@@ -343,8 +384,19 @@ def train_step(run: Run, micro_batches) -> tuple[list, int] | None:
     return count_nonfinite(run, problem) if problem else (window, images)
 
 
+def nonfinite_problem(accelerator, losses: list, grad_norm: torch.Tensor) -> str | None:
+    """None when every process's losses and gradient norm are finite, found with one wait for the device in all;
+    else which of them was not. (fp16's scaler skips steps with non-finite gradients itself, and lowers its scale.)"""
+    checked = losses + ([grad_norm] if accelerator.scaler is None else [])
+    if all_processes_agree(accelerator, bool(torch.isfinite(torch.stack([t.float() for t in checked])).all())):
+        return None
+    return "gradient" if all_processes_agree(accelerator, bool(torch.isfinite(torch.stack(losses)).all())) else "loss"
+
+
 def vae_backward(run: Run, x: torch.Tensor, use_disc: bool):
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     noise_seed = seed_for(cfg.seed, accelerator.process_index, state.step, state.batch_in_epoch, state.epoch)
     reconstruction, kl, logvar = run.model(x, noise_seed if cfg.sample_posterior else None)
     with accelerator.autocast():
@@ -455,35 +507,37 @@ def write_log(run: Run, window: LogWindow, progress) -> None:
     progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
 
 
-def advance(progress, cfg, started: float, stop: bool) -> None:
+def advance(progress, cfg, state: TrainState, started: float, stop: bool) -> None:
     """One step on the bar, whose total is the step the run stops at: max_steps, the last step, or for a
     time-limited run the estimate, which never falls behind while time is left."""
     step = progress.n + 1
     if stop:
         progress.total = step
     elif cfg.max_minutes > 0:
-        progress.total = max(step + 1, steps_in_time(cfg, step, step - progress.initial, started))
+        progress.total = max(step + 1, steps_in_time(cfg, step, step - progress.initial, time.time() - started,
+                                                     state.train_seconds))
     progress.update(1)
 
 
-def steps_in_time(cfg, step: int, steps_done: int, started: float) -> int:
-    """The step the run will stop at: max_steps, or where max_minutes ends it at the rate so far, whichever comes
-    first, so that the progress bar and its ETA tell the truth about a time-limited run."""
-    elapsed = time.time() - started
-    left = max(cfg.max_minutes * 60 - elapsed, 0.0)
-    expected = step + round(steps_done / max(elapsed, 1e-9) * left)
+def steps_in_time(cfg, step: int, steps_done: int, seconds_here: float, seconds_trained: float) -> int:
+    """The step the run will stop at: max_steps, or where max_minutes ends it at this session's rate, whichever
+    comes first, so that the progress bar and its ETA tell the truth about a time-limited run. seconds_trained
+    counts earlier sessions of a resumed run too."""
+    left = max(cfg.max_minutes * 60 - seconds_trained, 0.0)
+    expected = step + round(steps_done / max(seconds_here, 1e-9) * left)
     return max(step, min(cfg.max_steps, expected))
 
 
-def stop_reason(run: Run, signals: StopSignals, started: float) -> tuple[bool, int]:
+def stop_reason(run: Run, signals: StopSignals) -> tuple[bool, int]:
     """(stop after this step, the signal that asked for it or 0), the same on every process."""
-    cfg, accelerator = run.cfg, run.accelerator
-    late = cfg.max_minutes > 0 and time.time() - started >= cfg.max_minutes * 60
-    flags = torch.tensor([[signals.signum, int(late)]], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flags = accelerator.gather(flags)
-    signum, late = int(flags[:, 0].max()), bool(flags[:, 1].any())
-    return bool(signum or late or run.state.step >= cfg.max_steps), signum
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    signum = signals.signum
+    if accelerator.num_processes > 1:  # one clock for all (the latest), so the stop and the rate agree everywhere
+        flags = accelerator.gather(torch.tensor([[signum, state.train_seconds]], dtype=torch.float64,
+                                                device=accelerator.device))
+        signum, state.train_seconds = int(flags[:, 0].max()), float(flags[:, 1].max())
+    late = 0 < cfg.max_minutes * 60 <= state.train_seconds
+    return bool(signum or late or state.step >= cfg.max_steps), signum
 
 
 def interrupted(run: Run, signum: int) -> TrainingInterrupted:
@@ -523,12 +577,22 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
         if at_start:
             metrics["validation_at_start"] = at_start
     with reported_write("metrics.json and reconstructions.png", out):
-        if run.preview is not None:
+        shown = final_examples(run)
+        if shown is not None:
             vae.eval()
-            grid = comparison_grid(run.preview, reconstruct(vae, run.preview.to(accelerator.device)))
+            with torch.no_grad():
+                grid = error_grid(shown, reconstruct(vae, shown.to(accelerator.device)))
             atomic_write(out / "reconstructions.png", png_bytes(grid))
         atomic_json(out / "metrics.json", metrics)
     return metrics
+
+
+def final_examples(run: Run, count: int = 4) -> torch.Tensor | None:
+    """What reconstructions.png shows: `count` held-out images spread over val_data (else the preview's)."""
+    if run.preview is None:
+        return None
+    images = torch.cat(run.val_batches) if run.val_batches else run.preview
+    return images[:: max(1, len(images) // count)][:count]
 
 
 @contextlib.contextmanager
@@ -546,7 +610,7 @@ def load_validation(cfg: TrainConfig, train_dataset):
     """Fixed centre crops: `val_data` is scored with PSNR/SSIM; the preview grids show `preview_images` of them
     (of the first training images when there is no `val_data`)."""
     if cfg.val_data:
-        dataset = build_dataset(cfg.val_data, cfg.resolution, cfg.image_column, cfg.val_split,
+        dataset = build_dataset(cfg.val_data, cfg.val_resolution or cfg.resolution, cfg.image_column, cfg.val_split,
                                 random_flip=False, random_crop=False, max_pixels=cfg.max_pixels)
     elif isinstance(train_dataset, IterableDataset):
         return None, []
@@ -608,6 +672,8 @@ def build_discriminator(cfg: TrainConfig, accelerator) -> torch.nn.Module:
     if norm == "batch" and several and on_cpu:
         raise ValueError("disc_norm=batch cannot be synchronised across CPU processes; use disc_norm=group")
     disc = NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers, norm)
+    if cfg.channels_last:
+        disc.to(memory_format=torch.channels_last)
     if norm == "batch" and several:
         disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)  # statistics over the global batch
     return disc

@@ -87,6 +87,26 @@ def test_crops_depend_on_seed_epoch_and_index_only(photos):
     assert torch.equal(centre[0]["pixel_values"], ImageFolder(photos, 32, False, False)[0]["pixel_values"])
 
 
+def test_kept_decoded_images_give_the_same_crops_without_reading_the_files_again(photos):
+    from sdvae.data import DecodedImages
+
+    plain, kept = ImageFolder(photos, 32, seed=3), ImageFolder(photos, 32, seed=3)
+    kept.keep_decoded(64)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        kept.set_epoch(epoch)
+        assert all(torch.equal(plain[i]["pixel_values"], kept[i]["pixel_values"]) for i in range(len(plain)))
+    for f in photos.iterdir():
+        f.unlink()
+    kept.set_epoch(2)
+    assert all(kept[i]["pixel_values"] is not None for i in range(len(kept)))  # decoded once, cropped since
+    assert plain[0]["pixel_values"] is None and "FileNotFoundError" in plain[0]["error"]
+    budget = DecodedImages(1)  # MiB
+    budget.add(0, Image.new("RGB", (600, 600)))  # 1.03 MiB: over the budget, decoded again each time
+    budget.add(1, Image.new("RGB", (500, 500)))
+    assert list(budget.images) == [1]
+
+
 def test_empty_and_missing_data_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")

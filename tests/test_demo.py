@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from PIL import Image
+
 from sdvae.config import field_names
+from sdvae.demo import load_photo
 
 
 def test_demo_runs_offline_and_exports_a_diffusers_vae(tmp_path):
@@ -20,14 +23,25 @@ def test_demo_runs_offline_and_exports_a_diffusers_vae(tmp_path):
     assert "WITHOUT the perceptual (LPIPS) loss" in out.stdout  # no VGG weights in this TORCH_HOME
     assert "held-out PSNR" in out.stdout and str(run / "vae") in out.stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["validation"]["images"] == 64
+    held_out_files = sorted((run / "data" / "holdout").iterdir())
+    assert metrics["steps"] == 3 and metrics["validation"]["images"] == min(64, len(held_out_files)) >= 40
+    assert {Image.open(p).size for p in held_out_files} == {(128, 128)}  # scored whole, at val_resolution
     train_names = {p.stem for p in (run / "data" / "train").iterdir()}
-    held_out = {p.stem.rsplit("-", 1)[0] for p in (run / "data" / "holdout").iterdir()}
+    held_out = {p.stem.rsplit("-", 1)[0] for p in held_out_files}
     assert held_out == train_names  # every photo gives up a strip; the strip is not in train/
+    for name in train_names:  # ... which is not in train/
+        assert Image.open(run / "data" / "train" / f"{name}.png").width + 128 == load_photo_width(name)
     vae = AutoencoderKL.from_pretrained(run / "vae")
     with torch.no_grad():
         assert vae(torch.zeros(1, 3, 32, 32)).sample.shape == (1, 3, 32, 32)
-    assert (run / "reconstructions.png").is_file()
+    grid = Image.open(run / "reconstructions.png")  # four held-out squares, input | reconstruction | error
+    assert grid.width >= 3 * 384 and grid.height >= 4 * 384
+
+
+def load_photo_width(name):
+    image = Image.fromarray(load_photo(name))
+    image.thumbnail((512, 512))
+    return image.width
 
 
 def test_readme_documents_every_config_key():

@@ -61,15 +61,17 @@ def test_export_round_trip_reproduces_the_trained_model(tmp_path, photos):
         assert torch.equal(exported(x, sample_posterior=False).sample, trained(x, sample_posterior=False).sample)
 
 
-def test_resume_continues_exactly(tmp_path, photos):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_continues_exactly(tmp_path, photos, schedule):
     """Run 6 steps straight; separately resume from its step-3 checkpoint: the weights are identical."""
-    straight = train(config(tmp_path, photos, max_steps=6))
+    straight = train(config(tmp_path, photos, max_steps=6, lr_schedule=schedule))
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(tmp_path / "run" / "checkpoint-3", resumed_dir / "checkpoint-3")
     state = json.loads((resumed_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3
-    resumed = train(config(tmp_path, photos, max_steps=6, output_dir=str(resumed_dir), resume="latest"))
+    resumed = train(config(tmp_path, photos, max_steps=6, output_dir=str(resumed_dir), resume="latest",
+                           lr_schedule=schedule))
     assert resumed["steps"] == straight["steps"] == 6
     a = load_file(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed_dir / "vae" / "diffusion_pytorch_model.safetensors")
@@ -178,13 +180,88 @@ def test_data_where_no_image_can_be_read_is_an_error_not_an_endless_loop(tmp_pat
 
 
 def test_progress_total_is_the_step_max_minutes_will_stop_at():
-    import time
-
     from sdvae.config import TrainConfig
     from sdvae.train import steps_in_time
 
-    started = time.time() - 6  # 10 steps in 6 s: 54 s left of a 1-minute run make about 90 more
-    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 10, 10, started) == pytest.approx(100, abs=2)
-    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=50), 10, 10, started) == 50  # max_steps first
-    late = time.time() - 120  # past the time limit: the run stops at the current step
-    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 10, 10, late) == 10
+    # 10 steps in 6 s: 54 s left of a 1-minute run make 90 more
+    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 10, 10, 6.0, 6.0) == 100
+    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=50), 10, 10, 6.0, 6.0) == 50  # max_steps first
+    # resumed after 30 s of an earlier session: 24 s are left at this session's rate
+    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 60, 10, 6.0, 36.0) == 100
+    # past the time limit: the run stops at the current step
+    assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 10, 10, 120.0, 120.0) == 10
+
+
+def test_cosine_schedule_warms_up_then_falls_to_its_floor_by_steps_or_by_time():
+    import dataclasses
+    import math
+    from types import SimpleNamespace
+
+    from sdvae.checkpoints import TrainState
+    from sdvae.config import TrainConfig
+    from sdvae.train import learning_rate, run_progress
+
+    one = SimpleNamespace(num_processes=1)
+    cfg = TrainConfig(learning_rate=1e-3, lr_warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1, max_steps=100)
+    assert learning_rate(cfg, one, 0, 0.0) == pytest.approx(1e-4)  # the warm-up's first
+    assert learning_rate(cfg, one, 50, 0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))))
+    assert learning_rate(cfg, one, 99, 1.0) == pytest.approx(1e-4)  # the floor at the end
+    rates = [learning_rate(cfg, one, s, run_progress(cfg, TrainState(step=s))) for s in range(10, 101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert learning_rate(dataclasses.replace(cfg, lr_schedule="constant"), one, 50, 0.5) == pytest.approx(1e-3)
+    # a time limit that comes first sets the progress; without one, the steps alone do
+    timed = dataclasses.replace(cfg, max_minutes=1.0)
+    assert run_progress(timed, TrainState(step=10, train_seconds=30)) == pytest.approx(0.5)
+    assert run_progress(timed, TrainState(step=80, train_seconds=30)) == pytest.approx(0.8)
+    assert run_progress(timed, TrainState(step=10, train_seconds=600)) == 1.0
+    assert run_progress(cfg, TrainState(step=10, train_seconds=600)) == pytest.approx(0.1)
+
+
+def test_max_minutes_counts_every_session_of_a_resumed_run(tmp_path, photos, capsys):
+    run = tmp_path / "run"
+    first = train(config(tmp_path, photos, max_steps=100, max_minutes=1e-4))  # 6 ms: it stops after one step
+    assert first["steps"] == 1
+    trained = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())["train_seconds"]
+    assert trained >= 0.006
+    capsys.readouterr()
+    assert train(config(tmp_path, photos, max_steps=100, max_minutes=1e-4, resume="latest")) == {}
+    assert "raise max_minutes" in capsys.readouterr().out  # its time is spent: nothing is trained or written
+    more = train(config(tmp_path, photos, max_steps=3, max_minutes=10, resume="latest"))
+    assert more["steps"] == 3
+    assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["train_seconds"] > trained
+
+
+def test_channels_last_computes_what_the_default_layout_computes(tmp_path, photos):
+    runs = {layout: train(config(tmp_path, photos, max_steps=2, log_every=1, channels_last=layout,
+                                 output_dir=str(tmp_path / str(layout)))) for layout in (False, True)}
+    assert runs[True]["first_logged"]["loss"] == pytest.approx(runs[False]["first_logged"]["loss"], rel=1e-5)
+    exported = AutoencoderKL.from_pretrained(tmp_path / "True" / "vae")
+    assert all(p.is_contiguous() for p in exported.parameters())  # loads as any diffusers VAE
+
+
+def test_reconstructions_png_shows_held_out_images_large_with_their_error():
+    import numpy as np
+
+    from sdvae.metrics import error_grid
+
+    x = torch.zeros(2, 3, 64, 64)
+    y = x.clone()
+    y[1, :, :32] = 0.5  # the second image is wrong in its top half
+    grid = np.asarray(error_grid(x, y, min_side=256)).astype(int)
+    assert grid.shape == (2 * 256 + 4, 3 * 256 + 8, 3)  # 4x enlarged, three panels a row, one row an image
+    error = grid[:, 2 * 256 + 8:]
+    assert np.ptp(error[:256].reshape(-1, 3), axis=0).max() == 0  # no error: one flat colour
+    top, bottom = error[260:260 + 128].sum(-1), error[260 + 128:].sum(-1)
+    assert top.min() > bottom.max()  # the wrong half is the bright one
+
+
+def test_posterior_logvar_init_sets_where_the_posterior_noise_starts():
+    from sdvae.config import TrainConfig
+    from sdvae.train import trainable_vae
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        quiet = trainable_vae(TrainConfig(model="tiny", posterior_logvar_init=-6.0)).encode(x).latent_dist
+        default = trainable_vae(TrainConfig(model="tiny")).encode(x).latent_dist
+    assert torch.allclose(quiet.logvar, torch.full_like(quiet.logvar, -6.0))
+    assert default.logvar.abs().mean() < 2 and default.logvar.std() > 0  # diffusers' init: sigma about 1
