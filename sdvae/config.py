@@ -34,6 +34,9 @@ class TrainConfig:
     val_resolution: int | None = None  # side of val_data's centre crops (default: resolution)
     resolution: int = 256
     random_flip: bool = True
+    # random crops cover up to this many times `resolution` of the image, shrunk to it (log-uniform per crop), so
+    # they hold more of the scene; 1: crops at native scale
+    crop_downscale_max: float = 1.0
     max_pixels: int = 100_000_000  # images with more pixels are skipped and counted, before they are decoded
     # loader processes per training process; empty: 0 when training on the CPU (they would take cores from the
     # compute threads), else min(8, CPUs per process)
@@ -165,6 +168,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError("train_decoder_only needs init_from: the VAE whose encoder stays frozen")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.crop_downscale_max < 1:
+        raise ValueError(f"crop_downscale_max must be at least 1 (1: native scale), got {cfg.crop_downscale_max}")
     if not 0 <= cfg.lr_min_ratio <= 1:
         raise ValueError(f"lr_min_ratio must be in [0, 1], got {cfg.lr_min_ratio}")
     for key in ("perceptual_weight", "kl_weight", "learning_rate", "disc_weight", "disc_start", "lr_warmup_steps",

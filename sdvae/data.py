@@ -40,13 +40,29 @@ class ImageTransform:
         self.resolution, self.random_flip, self.random_crop, self.seed = resolution, random_flip, random_crop, seed
         self.max_pixels = max_pixels  # larger files are skipped before they are decoded (sdvae.images.MAX_PIXELS)
         self.epoch = 0
+        self.downscale_max = 1.0  # random crops cover up to this many times `resolution`, shrunk to it
 
     def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
         rng = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, index))
+        if self.random_crop and self.downscale_max > 1:
+            image = self.zoomed_out(image, rng)
         image = resize_crop(image, self.resolution, "train", rng if self.random_crop else None)
         if self.random_flip and torch.rand(1, generator=rng).item() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pixels_to_tensor(image)
+
+
+    def zoomed_out(self, image: Image.Image, rng: torch.Generator) -> Image.Image:
+        """A random square of `resolution` x f pixels (f log-uniform in [1, downscale_max], the square within the
+        image), shrunk to `resolution` with antialiasing: the crop holds more of the scene, as images resized for
+        diffusion training do. Cropped before it is resized, so large photos cost no more than small ones."""
+        largest = min(min(image.size), self.resolution * self.downscale_max)
+        if largest <= self.resolution:
+            return image
+        side = round(self.resolution * (largest / self.resolution) ** torch.rand(1, generator=rng).item())
+        left, top = (int(torch.randint(n - side + 1, (1,), generator=rng)) for n in image.size)
+        return image.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC,
+                            box=(left, top, left + side, top + side))
 
 
 def list_images(root: str | Path) -> list[Path]:

@@ -188,6 +188,7 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     # Data first: a missing or empty dataset must fail before any model is built.
     dataset = build_dataset(cfg.data, cfg.resolution, cfg.image_column, cfg.data_split, cfg.streaming,
                             cfg.random_flip, seed=cfg.seed, max_pixels=cfg.max_pixels)
+    dataset.transform.downscale_max = cfg.crop_downscale_max
     workers = loader_workers(cfg, accelerator)
     if workers == 0 and hasattr(dataset, "keep_decoded"):
         dataset.keep_decoded(cfg.image_cache_mb)

@@ -107,6 +107,24 @@ def test_kept_decoded_images_give_the_same_crops_without_reading_the_files_again
     assert list(budget.images) == [1]
 
 
+def test_zoomed_out_crops_hold_more_of_the_scene_and_stay_reproducible():
+    from sdvae.data import ImageTransform
+
+    ramp = np.tile(np.linspace(0, 255, 1024), (600, 1)).astype(np.uint8)  # brightness = column
+    image = Image.fromarray(np.stack([ramp] * 3, axis=-1))
+    native, wide = ImageTransform(128, random_flip=False), ImageTransform(128, random_flip=False)
+    wide.downscale_max = 4.0
+
+    def spans(transform):
+        return [float(x.max() - x.min()) for x in (transform(image, i)[0] for i in range(32))]
+
+    assert max(spans(native)) < 0.26  # 128 of 1024 columns: an eighth of the [-1, 1] range
+    assert min(spans(wide)) > 0.23 and max(spans(wide)) > 0.8  # up to 512 columns, shrunk to 128
+    assert torch.equal(wide(image, 5), wide(image, 5)) and wide(image, 5).shape == (3, 128, 128)
+    small = image.crop((0, 0, 100, 100))
+    assert wide(small, 0).shape == (3, 128, 128)  # smaller than the crop: upscaled as before
+
+
 def test_empty_and_missing_data_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
