@@ -38,6 +38,15 @@ SETTINGS = dict(  # train/configs/tiny.yaml's recipe (see its comments for what 
 )
 
 
+def load_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return image[..., :3]
+
+
 HOLDOUT = 128
 
 
