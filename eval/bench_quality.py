@@ -2,9 +2,12 @@
 
     python eval/bench_quality.py                               # sdvae's tiny defaults, 10 minutes on this CPU
     python eval/bench_quality.py --minutes 10 --name lr1e-3 learning_rate=1e-3 resolution=64   # a recipe variant
+    python eval/bench_quality.py --minutes 5 --sets "Kodak 256" --results bench_quality_screen_cpu \
+        --name "C2 + batch_size=2" batch_size=2                # a 5-minute screen of one setting
 
 Training data: BSDS500 train + test (400 photos, `../shared/data`). Each trainer runs `--minutes` of wall time with
-`perceptual_weight=0` (no VGG weights offline), then `sdvae eval` scores the export on Kodak at 256 px (shorter side
+`perceptual_weight=0`, and once more with its perceptual term when the VGG16 weights are in the torch hub cache or
+given (`--lpips-vgg-weights`), then `sdvae eval` scores the export on Kodak at 256 px (shorter side
 resized, centre crop), Kodak at full size and BSDS500 val at 256 px. Rows are added to (or replaced in)
 eval/results/bench_quality_cpu.json, and the table eval/results/bench_quality_cpu.md is written from it.
 

@@ -96,7 +96,10 @@ def main():
         base = next(r for r in rows if r["setup"] == row["setup"])["images_per_sec"]
         lines.append(f"| {row['setup']} | {row['variant']} | {row['batch']} | {row['images_per_sec']:.3g} | "
                      f"{row['seconds_per_step']:.2f} | {row['images_per_sec'] / base:.2f}x |")
-    lines += ["", f"Step-time levers, {args.setups[0]}, reconstruction + KL, one added per row:", "",
+    images = len(list(data.iterdir()))
+    lines += ["", f"Step-time levers, {args.setups[0]}, reconstruction + KL, one added per row. {images} training images "
+              f"make {-(-images // SETUPS[args.setups[0]][2])} batches an epoch, and loader workers are started again "
+              f"every epoch: on such a small set that restart is most of what workers cost.", "",
               "| loop | batch | images/s | s/step | vs first row |", "|---|---|---|---|---|"]
     for row in levers:
         lines.append(f"| {row['variant']} | {row['batch']} | {row['images_per_sec']:.3g} | "
