@@ -51,7 +51,6 @@ class ImageTransform:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pixels_to_tensor(image)
 
-
     def zoomed_out(self, image: Image.Image, rng: torch.Generator) -> Image.Image:
         """A random square of `resolution` x f pixels (f log-uniform in [1, downscale_max], the square within the
         image), shrunk to `resolution` with antialiasing: the crop holds more of the scene, as images resized for
