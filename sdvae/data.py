@@ -89,13 +89,15 @@ class _ImageSource(Dataset):
         self.decoded = DecodedImages(megabytes) if megabytes > 0 else None
 
     def __getitem__(self, i):
-        if self.decoded is not None and i in self.decoded.images:
-            return _crop(self.decoded.images[i], self.name(i), self.transform, i)
-        item = _load(self.source(i), self.name(i), self.transform, i)
-        if self.decoded is not None and "image" in item:
-            self.decoded.add(i, item["image"])
-        item.pop("image", None)
-        return item
+        image = self.decoded.images.get(i) if self.decoded is not None else None
+        if image is None:
+            try:
+                image = open_image(self.source(i), self.transform.max_pixels)
+            except Exception as e:  # any undecodable file: count it, never kill the run
+                return _skipped(self.name(i), e)
+            if self.decoded is not None:
+                self.decoded.add(i, image)
+        return _crop(image, self.name(i), self.transform, i)
 
     def centre_cropped(self):
         """The same images, centre-cropped and unflipped (for validation), without listing them again."""
@@ -133,19 +135,23 @@ class DecodedImages:
             self.images[index], self.free = image, self.free - size
 
 
-def _load(source, name: str, transform, index: int):
+def _load(source, name: str, transform, index: int) -> dict:
     try:
         image = open_image(source, transform.max_pixels)
     except Exception as e:  # any undecodable file: count it, never kill the run
-        return {"pixel_values": None, "name": name, "error": f"{type(e).__name__}: {e}"}
-    return dict(_crop(image, name, transform, index), image=image)
+        return _skipped(name, e)
+    return _crop(image, name, transform, index)
 
 
 def _crop(image: Image.Image, name: str, transform, index: int) -> dict:
     try:
         return {"pixel_values": transform(image, index), "name": name}
     except Exception as e:
-        return {"pixel_values": None, "name": name, "error": f"{type(e).__name__}: {e}"}
+        return _skipped(name, e)
+
+
+def _skipped(name: str, error: Exception) -> dict:
+    return {"pixel_values": None, "name": name, "error": f"{type(error).__name__}: {error}"}
 
 
 class HFImageDataset(_ImageSource):
@@ -193,9 +199,7 @@ class HFStreamingImageDataset(IterableDataset):
         for i, row in enumerate(self.dataset):
             if self.column not in row:
                 raise ValueError(f"image column '{self.column}' not in the dataset; columns: {list(row)}")
-            item = _load(row[self.column], f"{self.column}[{i}]", self.transform, i)
-            item.pop("image", None)
-            yield item
+            yield _load(row[self.column], f"{self.column}[{i}]", self.transform, i)
 
 
 def build_dataset(data: str, resolution: int, image_column: str = "image", split: str = "train",

@@ -51,7 +51,7 @@ def train(cfg: TrainConfig) -> dict:
         try:
             run = build_run(cfg, accelerator)
             state, main = run.state, accelerator.is_main_process
-            if state.step >= cfg.max_steps or 0 < cfg.max_minutes * 60 <= state.train_seconds:
+            if state.step >= cfg.max_steps or out_of_time(cfg, state):
                 return nothing_to_do(run)
             start_run_folder(run)
             at_start = evaluate(run.vae, run.val_batches, accelerator.device) if (
@@ -537,8 +537,11 @@ def stop_reason(run: Run, signals: StopSignals) -> tuple[bool, int]:
         flags = accelerator.gather(torch.tensor([[signum, state.train_seconds]], dtype=torch.float64,
                                                 device=accelerator.device))
         signum, state.train_seconds = int(flags[:, 0].max()), float(flags[:, 1].max())
-    late = 0 < cfg.max_minutes * 60 <= state.train_seconds
-    return bool(signum or late or state.step >= cfg.max_steps), signum
+    return bool(signum or out_of_time(cfg, state) or state.step >= cfg.max_steps), signum
+
+
+def out_of_time(cfg: TrainConfig, state: TrainState) -> bool:
+    return 0 < cfg.max_minutes * 60 <= state.train_seconds
 
 
 def interrupted(run: Run, signum: int) -> TrainingInterrupted:
