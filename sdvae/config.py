@@ -74,6 +74,12 @@ class TrainConfig:
     # a VAE trained from scratch starts with this posterior log-variance (diffusers' init gives about 0: sigma 1, so
     # the first steps decode mostly noise); none: as initialised
     posterior_logvar_init: float | None = None
+    # EQ-VAE's equivariance term: on a share of the steps the decoder also decodes the latent downscaled by s (and
+    # rotated by k x 90 degrees), against the image transformed alike (README, "Latents for diffusion")
+    equivariance_weight: float = 0.0  # 0: off, and no extra decode
+    equivariance_prob: float = 0.5  # the share of steps with the term (EQ-VAE: 0.5)
+    equivariance_scales: tuple[float, float] = (0.25, 1.0)  # s in [low, high) on the latent grid (EQ-VAE's range)
+    equivariance_rotate: bool = True  # also rotate by 1-3 quarter turns (EQ-VAE); false: scale only
     learn_logvar: bool = False  # LDM's learned output log-variance: nll = rec / exp(logvar) + logvar
     logvar_init: float = 0.0
 
@@ -91,6 +97,11 @@ class TrainConfig:
     ema_warmup: bool = True  # ramp the decay up over the first steps (diffusers EMAModel warm-up)
     export_ema: bool = True  # export the EMA weights when EMA is on
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+
+    # latent factors measured at the end of the run (as `sdvae stats`) and written into the export: scaling_factor,
+    # and shift_factor where the config has one (SD3 / FLUX); empty: when the encoder was trained
+    measure_factors: bool | None = None
+    measure_factors_images: int = 512  # the first N training images, centre-cropped at `resolution`
 
     # run folder, logging, checkpoints
     output_dir: str = "runs/sdvae"
@@ -113,6 +124,8 @@ def _coerce(name: str, hint, value):
         if type(None) in typing.get_args(hint):
             return None
         raise ValueError(f"config key '{name}' cannot be empty")
+    if typing.get_origin(hint) is tuple:
+        return _coerce_tuple(name, typing.get_args(hint), value)
     base = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     base = base[0]
     try:
@@ -138,6 +151,16 @@ def _coerce(name: str, hint, value):
         raise ValueError(f"config key '{name}' expects {base.__name__}, got {value!r}") from None
 
 
+def _coerce_tuple(name: str, types: tuple, value) -> tuple:
+    """A YAML list, or `a,b` / `[a, b]` on the command line."""
+    items = value
+    if isinstance(value, str):
+        items = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
+    if not isinstance(items, (list, tuple)) or len(items) != len(types):
+        raise ValueError(f"config key '{name}' expects {len(types)} values (e.g. {name}=0.25,1.0), got {value!r}")
+    return tuple(_coerce(name, t, v) for t, v in zip(types, items))
+
+
 def build_config(values: dict) -> TrainConfig:
     valid = field_names()
     unknown = sorted(set(values) - set(valid))
@@ -158,7 +181,7 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     # log_every / sample_every divide the step count: 0 would crash the run after its first step
     for key in ("resolution", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every",
-                "log_every", "sample_every", "max_pixels"):
+                "log_every", "sample_every", "max_pixels", "measure_factors_images"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config key '{key}' must be at least 1, got {getattr(cfg, key)}")
     for key in ("resolution", "val_resolution"):
@@ -172,7 +195,15 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"crop_downscale_max must be at least 1 (1: native scale), got {cfg.crop_downscale_max}")
     if not 0 <= cfg.lr_min_ratio <= 1:
         raise ValueError(f"lr_min_ratio must be in [0, 1], got {cfg.lr_min_ratio}")
-    for key in ("perceptual_weight", "kl_weight", "learning_rate", "disc_weight", "disc_start", "lr_warmup_steps",
+    low, high = cfg.equivariance_scales
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"equivariance_scales must be two factors with 0 < low <= high <= 1, got {low}, {high}")
+    if not 0 <= cfg.equivariance_prob <= 1:
+        raise ValueError(f"equivariance_prob must be in [0, 1], got {cfg.equivariance_prob}")
+    if cfg.measure_factors and cfg.train_decoder_only:
+        raise ValueError("measure_factors with train_decoder_only: the frozen encoder's latents are the source's, and so "
+                         "are its factors (diffusion models and latent caches rely on them)")
+    for key in ("perceptual_weight", "kl_weight", "learning_rate", "equivariance_weight", "disc_weight", "disc_start", "lr_warmup_steps",
                 "image_cache_mb", "max_minutes"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must not be negative")

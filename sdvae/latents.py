@@ -20,14 +20,16 @@ from .files import atomic_write
 @torch.no_grad()
 def latent_statistics(vae, data: str, resolution: int = 256, batch_size: int = 8, max_images: int | None = None,
                       sample: bool = True, seed: int = 0, state=None, image_column: str = "image",
-                      max_pixels: int | None = None) -> dict:
+                      max_pixels: int | None = None, split: str = "train") -> dict:
     """Per-channel and global mean/std of the encoder's latents over centre crops of `data`.
 
     Processes (`state`: Accelerate's PartialState) take disjoint slices of the images and add up float64
     sums, so any number of processes gives the same figures as one.
     """
-    dataset = build_dataset(data, resolution, image_column, random_flip=False, random_crop=False,
+    dataset = build_dataset(data, resolution, image_column, split, random_flip=False, random_crop=False,
                             max_pixels=max_pixels)
+    if not hasattr(dataset, "__len__"):
+        raise ValueError(f"{data} is streamed: latent statistics need a dataset of known size")
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     process, processes = (state.process_index, state.num_processes) if state else (0, 1)
     device = state.device if state else next(vae.parameters()).device

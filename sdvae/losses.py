@@ -114,7 +114,8 @@ def build_lpips(vgg_weights: str | Path | None = None, download: bool = True, pr
 
 
 class AutoencoderLoss(torch.nn.Module):
-    def __init__(self, rec_loss: str = "l1", perceptual_weight: float = 1.0, kl_weight: float = 1e-6, lpips_model=None):
+    def __init__(self, rec_loss: str = "l1", perceptual_weight: float = 1.0, kl_weight: float = 1e-6, lpips_model=None,
+                 equivariance_weight: float = 0.0):
         super().__init__()
         if rec_loss not in ("l1", "mse"):
             raise ValueError(f"rec_loss must be l1 or mse, got {rec_loss!r}")
@@ -123,6 +124,7 @@ class AutoencoderLoss(torch.nn.Module):
         self.rec_loss = rec_loss
         self.perceptual_weight = perceptual_weight
         self.kl_weight = kl_weight
+        self.equivariance_weight = equivariance_weight
         self.lpips = lpips_model if perceptual_weight > 0 else None
 
     def train(self, mode: bool = True):
@@ -131,24 +133,22 @@ class AutoencoderLoss(torch.nn.Module):
             self.lpips.eval()  # frozen network: dropout and norms stay in inference mode
         return self
 
-    def forward(self, x: torch.Tensor, reconstruction: torch.Tensor, kl: torch.Tensor, logvar=None):
+    def forward(self, x: torch.Tensor, reconstruction: torch.Tensor, kl: torch.Tensor, logvar=None,
+                equivariant: tuple | None = None):
         """x, reconstruction in [-1, 1], (B, 3, H, W); kl: (B,) KL summed over each image's latent;
-        logvar: LDM's learned scalar output log-variance, or None.
+        logvar: LDM's learned scalar output log-variance, or None; equivariant: (decode(T(z)), T(x)) on a step with
+        the equivariance term, whose reconstruction + perceptual loss (a per-pixel mean at its own size, so on the
+        scale of the rest) enters with equivariance_weight.
 
         Returns (loss, nll, logs); nll (reconstruction + perceptual, through the log-variance) is what the
         adversarial weight is balanced against.
         """
-        x, reconstruction = x.float(), reconstruction.float()
-        if self.rec_loss == "l1":
-            rec = F.l1_loss(reconstruction, x)
-        else:
-            rec = F.mse_loss(reconstruction, x)
-        logs = {"rec_loss": rec.detach(), "kl": kl.detach().float().mean()}
-        nll = rec
-        if self.lpips is not None:
-            perceptual = self.lpips(reconstruction, x).mean()
-            nll = nll + self.perceptual_weight * perceptual
-            logs["perceptual_loss"] = perceptual.detach()
+        logs = {"kl": kl.detach().float().mean()}
+        nll = self.image_terms(x, reconstruction, logs)
+        if equivariant is not None:
+            term = self.image_terms(equivariant[1], equivariant[0], {})
+            logs["equivariance_loss"] = term.detach()
+            nll = nll + self.equivariance_weight * term
         if logvar is not None:  # per element: (rec + pw * lpips) / exp(logvar) + logvar
             nll = nll / torch.exp(logvar.float()) + logvar.float()
             logs["logvar"] = logvar.detach().float()
@@ -157,3 +157,14 @@ class AutoencoderLoss(torch.nn.Module):
         logs["nll"] = nll.detach()
         logs["loss"] = loss.detach()
         return loss, nll, logs
+
+    def image_terms(self, x: torch.Tensor, reconstruction: torch.Tensor, logs: dict) -> torch.Tensor:
+        """Reconstruction + perceptual_weight x LPIPS, per-pixel means; their values go into `logs`."""
+        x, reconstruction = x.float(), reconstruction.float()
+        rec = F.l1_loss(reconstruction, x) if self.rec_loss == "l1" else F.mse_loss(reconstruction, x)
+        logs["rec_loss"] = rec.detach()
+        if self.lpips is None:
+            return rec
+        perceptual = self.lpips(reconstruction, x).mean()
+        logs["perceptual_loss"] = perceptual.detach()
+        return rec + self.perceptual_weight * perceptual

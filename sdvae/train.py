@@ -33,6 +33,7 @@ from .sources import load_pretrained_vae
 from .data import build_dataset, collate, seed_for
 from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
+from .equivariance import Equivariance
 from .files import FolderLock, FolderLocked, atomic_json, atomic_write, remove_stale_temporaries, write_failure
 from .images import png_bytes
 from .losses import AutoencoderLoss, build_lpips
@@ -177,6 +178,7 @@ class Run:
     preview: torch.Tensor | None = None
     val_batches: list = field(default_factory=list)
     perceptual: bool = False
+    equivariance: Equivariance | None = None  # None: the term is off
 
     @functools.cached_property
     def trained(self) -> list:
@@ -199,7 +201,8 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
     lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
-    criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model).to(accelerator.device)
+    criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model,
+                                cfg.equivariance_weight).to(accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(params, lr=learning_rate(cfg, accelerator, 0), betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -225,7 +228,9 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     guarded = params + (list(disc.parameters()) if disc is not None else [])
     run = Run(cfg, accelerator, Path(cfg.output_dir), model, vae, optimizer, loader, criterion, params, trained_names,
               state, StepGuard(guarded, [optimizer] + ([disc_optimizer] if disc is not None else [])), disc,
-              disc_optimizer, preview=preview, val_batches=val_batches, perceptual=lpips_model is not None)
+              disc_optimizer, preview=preview, val_batches=val_batches, perceptual=lpips_model is not None,
+              equivariance=Equivariance(cfg.equivariance_prob, cfg.equivariance_scales, cfg.equivariance_rotate)
+              if cfg.equivariance_weight > 0 else None)
     if checkpoint is not None:
         if not run.guard.finite():  # written by something other than this loop, which never saves such weights
             raise CheckpointError(f"cannot resume from {checkpoint}: its weights hold NaN or inf")
@@ -320,8 +325,9 @@ def start_run_folder(run: Run) -> None:
         set_aside_later_checkpoints(out, run.state.step, accelerator.print)  # an old timeline's: not mixed in
         (out / "samples").mkdir(exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    accelerator.init_trackers("sdvae", config={k: v if v is not None else "" for k, v in
-                                               dataclasses.asdict(cfg).items()})
+    # TensorBoard's hyper-parameters take numbers and strings only
+    accelerator.init_trackers("sdvae", config={k: "" if v is None else str(list(v)) if isinstance(v, tuple) else v
+                                               for k, v in dataclasses.asdict(cfg).items()})
     if not run.perceptual:
         accelerator.print("perceptual loss: off (perceptual_weight=0)")
 
@@ -399,9 +405,15 @@ def vae_backward(run: Run, x: torch.Tensor, use_disc: bool):
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     noise_seed = seed_for(cfg.seed, accelerator.process_index, state.step, state.batch_in_epoch, state.epoch)
-    reconstruction, kl, logvar = run.model(x, noise_seed if cfg.sample_posterior else None)
+    transform = None
+    if run.equivariance is not None:  # drawn from the step's seed too: a resumed run draws the same transforms
+        factor = 2 ** (len(run.vae.config.block_out_channels) - 1)
+        transform = run.equivariance.draw(seed_for(noise_seed, 1), (x.shape[-2] // factor, x.shape[-1] // factor))
+    outputs = run.model(x, noise_seed if cfg.sample_posterior else None, transform)
+    reconstruction = outputs.reconstruction
     with accelerator.autocast():
-        loss, nll, logs = run.criterion(x, reconstruction, kl, logvar)
+        loss, nll, logs = run.criterion(x, reconstruction, outputs.kl, outputs.logvar, outputs.equivariant)
+        logs.update(outputs.latent_logs)
         if use_disc:
             adversarial, adv_logs = generator_term(accelerator.unwrap_model(run.disc), reconstruction, nll,
                                                    run.vae.decoder.conv_out.weight, cfg.disc_weight)
@@ -566,6 +578,7 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
     if run.ema is not None and cfg.export_ema:
         run.ema.copy_to(run.trained)
         exported = "ema"
+    factors = measure_factors(run)
     with reported_write(f"the export {out / 'vae'}", out):
         save_diffusers(vae, out / "vae")
     state = run.state
@@ -575,7 +588,8 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
                    nonfinite_steps=state.nonfinite_steps, perceptual_loss=run.perceptual,
                    discriminator=run.disc is not None, exported_weights=exported,
                    processes=accelerator.num_processes, mixed_precision=cfg.mixed_precision,
-                   first_logged=window.first, last_logged=window.last, export=str(out / "vae"))
+                   first_logged=window.first, last_logged=window.last, export=str(out / "vae"),
+                   latent_factors=factors)
     if run.val_batches:  # scored with the exported weights
         metrics["validation"] = evaluate(vae, run.val_batches, accelerator.device)
         if at_start:
@@ -589,6 +603,38 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
             atomic_write(out / "reconstructions.png", png_bytes(grid))
         atomic_json(out / "metrics.json", metrics)
     return metrics
+
+
+def measure_factors(run: Run) -> dict:
+    """A VAE whose encoder trained gets its latents' scaling_factor (and shift_factor where its config has one, the
+    SD3 / FLUX convention) measured as `sdvae stats` does, on the first measure_factors_images training images, into
+    the config it is exported with. A frozen encoder keeps the source's: its latents must stay valid."""
+    from .latents import latent_statistics
+
+    cfg, vae = run.cfg, run.vae
+    kept = dict(scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.get("shift_factor"))
+    wanted = cfg.measure_factors if cfg.measure_factors is not None else not cfg.train_decoder_only
+    why = ("measure_factors=false" if not wanted else "the config normalises latents per channel (latents_mean/std)"
+           if vae.config.get("latents_mean") is not None else "streamed data" if cfg.streaming else None)
+    if why is not None:
+        return dict(measured=False, why=why, **kept)
+    try:
+        stats = latent_statistics(vae, cfg.data, cfg.resolution, cfg.batch_size, cfg.measure_factors_images,
+                                  image_column=cfg.image_column, max_pixels=cfg.max_pixels,
+                                  split=cfg.data_split)
+    except ValueError as e:  # nothing readable left: the run's weights are still exported
+        log.warning("latent factors not measured: %s", e)
+        return dict(measured=False, why=str(e), **kept)
+    written = dict(scaling_factor=stats["scaling_factor"])
+    if kept["shift_factor"] is not None:
+        written["shift_factor"] = stats["shift_factor"]
+    if not all(math.isfinite(v) for v in written.values()):
+        raise ValueError(f"the measured latent factors are not finite ({written}); nothing exported")
+    vae.register_to_config(**written)
+    run.accelerator.print("latent factors measured on {} images: {}".format(
+        stats["images"], ", ".join(f"{k} {v:.5g}" for k, v in written.items())))
+    return dict(measured=True, previous=kept, **written, **{k: stats[k] for k in (
+        "images", "skipped", "resolution", "sampled", "mean", "std", "channel_mean", "channel_std")})
 
 
 def final_examples(run: Run, count: int = 4) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ def decoder_grads(perceptual_weight, lpips_model):
     torch.manual_seed(0)
     vae = build_vae("tiny")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    reconstruction, kl, _ = VAETrainingForward(vae)(x)
+    reconstruction, kl = VAETrainingForward(vae)(x)[:2]
     loss, _, _ = AutoencoderLoss("l1", perceptual_weight, 1e-6, lpips_model)(x, reconstruction, kl)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in vae.decoder.parameters()])

@@ -141,10 +141,7 @@ def probed(tmp_path_factory):
     torch.manual_seed(0)
     build_vae("tiny").save_pretrained(root / "four")
     build_vae("tiny").save_pretrained(root / "other")
-    config = dict(preset_config("tiny"), latent_channels=16)
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(**config).save_pretrained(root / "sixteen")
+    build_vae("tiny-16ch").save_pretrained(root / "sixteen")  # the SD3 / FLUX layout: no quant convs
     photos = write_photos(root / "photos", size=64)
     vaes = {"a": str(root / "four"), "b": str(root / "four"), "c": str(root / "sixteen")}
     result = probe(vaes, str(photos), str(root / "out"), probe_settings(val_data=str(photos)))

@@ -39,7 +39,7 @@ def one_pass(disc_weight=0.5):
     torch.manual_seed(0)
     vae, disc = build_vae("tiny"), NLayerDiscriminator()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    reconstruction, kl, _ = VAETrainingForward(vae)(x)
+    reconstruction, kl = VAETrainingForward(vae)(x)[:2]
     loss, nll, _ = AutoencoderLoss("l1", 0.0, 1e-6)(x, reconstruction, kl)
     return vae, disc, x, reconstruction, loss, nll
 
@@ -144,6 +144,10 @@ def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(tmp_path, photos
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(exported[k], before[k]) for k in frozen)
     assert not torch.equal(exported["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
+    # its latents stay the source's, and so do the factors diffusion models use them with
+    assert json.loads((tmp_path / "run" / "vae" / "config.json").read_text())["scaling_factor"] == 0.18215
+    assert metrics["latent_factors"] == dict(measured=False, why="measure_factors=false", scaling_factor=0.18215,
+                                             shift_factor=None)
     optimizer = torch.load(tmp_path / "run" / "checkpoint-2" / "optimizer.bin", weights_only=True)
     decoder_params = sum(1 for k in before if k.startswith(("decoder.", "post_quant_conv.")))
     assert len(optimizer["param_groups"][0]["params"]) == decoder_params
@@ -157,7 +161,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if checkpointing:
             vae.enable_gradient_checkpointing()
         x = torch.rand(1, 3, 32, 32)
-        reconstruction, kl, _ = VAETrainingForward(vae.train())(x)
+        reconstruction, kl = VAETrainingForward(vae.train())(x)[:2]
         (reconstruction - x).abs().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in vae.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
