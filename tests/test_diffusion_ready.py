@@ -1,6 +1,7 @@
 """Training latents for diffusion: the equivariance term, the 16-channel presets, factors measured at the end."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_equivariance_settings_are_checked():
                          ("equivariance_weight=-1", "negative")]:
         with pytest.raises(ValueError, match=message):
             load_config(overrides=[bad])
-    eq = load_config("train/configs/eq-finetune.yaml", ["init_from=x", "data=y"])
+    eq = load_config(Path(__file__).parents[1] / "train/configs/eq-finetune.yaml", ["init_from=x", "data=y"])
     assert (eq.learning_rate, eq.kl_weight, eq.disc_weight, eq.disc_start) == (4.5e-6, 1e-6, 0.5, 0)
     assert (eq.equivariance_prob, eq.equivariance_scales, eq.equivariance_rotate) == (0.5, (0.25, 1.0), True)
 
