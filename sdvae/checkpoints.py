@@ -222,9 +222,7 @@ def has_discriminator(checkpoint: Path) -> bool:
 def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
     """The VAE of a run folder's newest verified checkpoint (its EMA weights when the run exports EMA): what
     `vae/` would hold, for a run that was interrupted before its export."""
-    from diffusers import AutoencoderKL
-
-    from .sources import check_config, load_strict, read_config_json
+    from .sources import check_config, load_strict, read_config_json, vae_class
 
     try:
         checkpoint = find_checkpoint(run, "latest")
@@ -235,7 +233,8 @@ def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
     if not config_file.is_file():
         raise FileNotFoundError(f"{checkpoint} has no vae_config.json (written by sdvae 0.1.1 and later): "
                                 f"resume the run to let it export")
-    vae = AutoencoderKL.from_config(check_config(read_config_json(config_file), config_file))
+    config = check_config(read_config_json(config_file), config_file)
+    vae = vae_class(config).from_config(config)
     weights = load_file(str(checkpoint / "model.safetensors"))
     load_strict(vae, {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}, checkpoint / "model.safetensors")
     if use_ema is None:

@@ -270,7 +270,7 @@ def run_train(args) -> int:
     metrics = train(cfg)
     if metrics:
         print(f"\nrun folder: {cfg.output_dir}")
-        print(f"  diffusers export: {metrics['export']}  (AutoencoderKL.from_pretrained)")
+        print(f"  diffusers export: {metrics['export']}  ({metrics['model_class']}.from_pretrained)")
         print(f"  metrics:          {cfg.output_dir}/metrics.json")
         print(f"  samples:          {cfg.output_dir}/samples/")
         if "validation" in metrics:

@@ -70,7 +70,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
 
 @dataclass
 class VAECodec:
-    model: object  # diffusers AutoencoderKL
+    model: object  # diffusers AutoencoderKL, or AutoencoderTiny (a distilled student: no posterior, no tiling)
     device: torch.device
     dtype: torch.dtype  # the encoder's
     decode_dtype: torch.dtype | None = None  # the decoder's; fp32 where an fp16 VAE has force_upcast
@@ -97,7 +97,15 @@ class VAECodec:
         channel = lambda v: torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
         return channel(mean), self.scaling_factor / channel(std)
 
+    @property
+    def is_tiny(self) -> bool:
+        return not hasattr(self.model, "quant_conv")
+
     def _tile(self, tiled: bool | None, direction: str, shape) -> bool:
+        if self.is_tiny:  # a few MB of activations per megapixel; sdvae.tiling walks AutoencoderKL's blocks
+            if tiled:
+                raise ValueError("tiled encode/decode is for KL VAEs; a tiny student (AutoencoderTiny) runs whole")
+            return False
         if tiled is not None:
             return tiled
         budget = self.max_memory or default_budget(self.device)
@@ -108,6 +116,9 @@ class VAECodec:
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A (B, 3, H, W) batch in [-1, 1], H and W multiples of 8 -> the posterior's (mean, std), unscaled, fp32
         (what a latent cache stores, so that a trainer can draw a new sample every epoch)."""
+        if self.is_tiny:  # a deterministic encoder: its latents, with no spread
+            z = self.model.encode(x.to(self.device, self.dtype)).latents.float()
+            return z, torch.zeros_like(z)
         dist = self.model.encode(x.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
@@ -135,12 +146,16 @@ class VAECodec:
                 raise ValueError(f"encode takes images of one size per call; got sizes (H, W) {sizes}")
             x = torch.stack(tensors)
         x = pad_to_multiple(x).to(self.device, self.dtype)
-        if self._tile(tiled, "encode", x.shape):
-            posterior = DiagonalGaussianDistribution(tiled_encode(self.model, x, tile_size or self.tile_size,
-                                                                  self.max_memory))
+        if self.is_tiny:
+            self._tile(tiled, "encode", x.shape)  # refuses tiled=True
+            z = self.model.encode(x).latents  # deterministic: nothing to sample
         else:
-            posterior = self.model.encode(x).latent_dist
-        z = posterior.sample(generator=generator) if sample else posterior.mode()
+            if self._tile(tiled, "encode", x.shape):
+                posterior = DiagonalGaussianDistribution(tiled_encode(self.model, x, tile_size or self.tile_size,
+                                                                      self.max_memory))
+            else:
+                posterior = self.model.encode(x).latent_dist
+            z = posterior.sample(generator=generator) if sample else posterior.mode()
         z = z.float()
         if not scaled:
             return z

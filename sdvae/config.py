@@ -15,10 +15,14 @@ import yaml
 
 @dataclass
 class TrainConfig:
-    # model: a preset name (`tiny`, `sd-kl-f8`) or a path to a diffusers VAE folder / config.json
+    # model: a preset name (`tiny`, `sd-kl-f8`) or a path to a diffusers VAE folder / config.json; with `teacher`,
+    # a tiny student preset (`taesd`, `taesd-16`)
     model: str = "tiny"
     # init_from: start from trained weights (diffusers folder, LDM/SD single file, or hub id); overrides `model`
     init_from: str | None = None
+    # teacher: distil a tiny preview VAE (AutoencoderTiny, as TAESD) from this KL VAE (folder, single file, hub id)
+    teacher: str | None = None
+    latent_weight: float = 1.0  # the student's encoder: MSE against the teacher's scaled latent mean
     train_decoder_only: bool = False  # freeze encoder + quant_conv: latents of the source VAE stay valid
     gradient_checkpointing: bool = False
 
@@ -54,6 +58,7 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | adamw
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
+    adam_amsgrad: bool = False  # TAESD trained with AMSGrad
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
     # constant | cosine: after the warm-up, down to lr_min_ratio x learning_rate where the run ends (max_steps, or
@@ -200,13 +205,37 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"equivariance_scales must be two factors with 0 < low <= high <= 1, got {low}, {high}")
     if not 0 <= cfg.equivariance_prob <= 1:
         raise ValueError(f"equivariance_prob must be in [0, 1], got {cfg.equivariance_prob}")
+    _check_distillation(cfg)
     if cfg.measure_factors and cfg.train_decoder_only:
         raise ValueError("measure_factors with train_decoder_only: the frozen encoder's latents are the source's, and so "
                          "are its factors (diffusion models and latent caches rely on them)")
-    for key in ("perceptual_weight", "kl_weight", "learning_rate", "equivariance_weight", "disc_weight", "disc_start", "lr_warmup_steps",
-                "image_cache_mb", "max_minutes"):
+    for key in ("perceptual_weight", "kl_weight", "latent_weight", "learning_rate", "equivariance_weight",
+                "disc_weight", "disc_start", "lr_warmup_steps", "image_cache_mb", "max_minutes"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"config key '{key}' must not be negative")
+
+
+def _check_distillation(cfg: TrainConfig) -> None:
+    from .distill import STUDENT_PRESETS
+
+    student = cfg.model in STUDENT_PRESETS
+    if student and not cfg.teacher:
+        raise ValueError(f"model={cfg.model} is a tiny student: it trains by distillation, set teacher=PATH (the VAE "
+                         f"whose latents it learns)")
+    if not cfg.teacher:
+        return
+    if not student:
+        raise ValueError(f"teacher= distils into a tiny student: set model to one of {', '.join(STUDENT_PRESETS)} "
+                         f"(got model={cfg.model})")
+    refused = dict(train_decoder_only="the student's encoder and decoder learn separately already",
+                   equivariance_weight="the student decodes the teacher's latents, which it does not shape",
+                   learn_logvar="the student has no output variance", measure_factors="the student decodes the "
+                   "teacher's scaled latents: its factors are 1 and 0 by construction",
+                   gradient_checkpointing="diffusers' EncoderTiny skips its input scaling when checkpointing, and "
+                   "the student is small enough without it")
+    for key, why in refused.items():
+        if getattr(cfg, key):
+            raise ValueError(f"{key} with teacher=: {why}")
 
 
 def check_at_least(settings, **minimums) -> None:

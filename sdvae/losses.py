@@ -115,7 +115,7 @@ def build_lpips(vgg_weights: str | Path | None = None, download: bool = True, pr
 
 class AutoencoderLoss(torch.nn.Module):
     def __init__(self, rec_loss: str = "l1", perceptual_weight: float = 1.0, kl_weight: float = 1e-6, lpips_model=None,
-                 equivariance_weight: float = 0.0):
+                 equivariance_weight: float = 0.0, latent_weight: float = 1.0):
         super().__init__()
         if rec_loss not in ("l1", "mse"):
             raise ValueError(f"rec_loss must be l1 or mse, got {rec_loss!r}")
@@ -125,6 +125,7 @@ class AutoencoderLoss(torch.nn.Module):
         self.perceptual_weight = perceptual_weight
         self.kl_weight = kl_weight
         self.equivariance_weight = equivariance_weight
+        self.latent_weight = latent_weight
         self.lpips = lpips_model if perceptual_weight > 0 else None
 
     def train(self, mode: bool = True):
@@ -134,16 +135,17 @@ class AutoencoderLoss(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, reconstruction: torch.Tensor, kl: torch.Tensor, logvar=None,
-                equivariant: tuple | None = None):
+                equivariant: tuple | None = None, latent_error: torch.Tensor | None = None):
         """x, reconstruction in [-1, 1], (B, 3, H, W); kl: (B,) KL summed over each image's latent;
         logvar: LDM's learned scalar output log-variance, or None; equivariant: (decode(T(z)), T(x)) on a step with
         the equivariance term, whose reconstruction + perceptual loss (a per-pixel mean at its own size, so on the
-        scale of the rest) enters with equivariance_weight.
+        scale of the rest) enters with equivariance_weight; kl None and latent_error (a distilled student's encoder
+        MSE against the teacher's latents, per element) with latent_weight in its place.
 
         Returns (loss, nll, logs); nll (reconstruction + perceptual, through the log-variance) is what the
         adversarial weight is balanced against.
         """
-        logs = {"kl": kl.detach().float().mean()}
+        logs = {"kl": kl.detach().float().mean()} if kl is not None else {}
         nll = self.image_terms(x, reconstruction, logs)
         if equivariant is not None:
             term = self.image_terms(equivariant[1], equivariant[0], {})
@@ -153,7 +155,10 @@ class AutoencoderLoss(torch.nn.Module):
             nll = nll / torch.exp(logvar.float()) + logvar.float()
             logs["logvar"] = logvar.detach().float()
         elements_per_image = x[0].numel()  # 3*H*W: the LDM sums are divided by this
-        loss = nll + self.kl_weight * kl.float().mean() / elements_per_image
+        loss = nll + self.kl_weight * kl.float().mean() / elements_per_image if kl is not None else nll
+        if latent_error is not None:  # touches the student's encoder only, which nothing else trains
+            logs["latent_loss"] = latent_error.detach()
+            loss = loss + self.latent_weight * latent_error
         logs["nll"] = nll.detach()
         logs["loss"] = loss.detach()
         return loss, nll, logs

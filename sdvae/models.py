@@ -88,10 +88,11 @@ def build_vae(model: str) -> AutoencoderKL:
 
 class TrainingOutputs(NamedTuple):
     reconstruction: torch.Tensor
-    kl: torch.Tensor  # summed over latent elements, one value per image
+    kl: torch.Tensor | None  # summed over latent elements, one value per image; None: no posterior (a student)
     logvar: torch.Tensor | None  # LDM's learned output log-variance
     equivariant: tuple | None  # (decode(T(z)), T(x)) on a step with the equivariance term
     latent_logs: dict  # detached: KL per latent channel, latent std (collapsed channels show in TensorBoard)
+    latent_error: torch.Tensor | None = None  # a distilled student's encoder against the teacher's latents (MSE)
 
 
 class VAETrainingForward(torch.nn.Module):

@@ -184,15 +184,20 @@ def load_pretrained_vae(source: str):
 
 def load_folder(folder: Path):
     """A diffusers VAE folder, its config checked and its weights file verified before diffusers reads them."""
-    from diffusers import AutoencoderKL
-
-    check_config(read_config_json(folder / "config.json"), folder / "config.json")
+    config = check_config(read_config_json(folder / "config.json"), folder / "config.json")
     for weights in sorted(folder.glob("diffusion_pytorch_model*.safetensors")):
         safetensors_header(weights)
     try:
-        return AutoencoderKL.from_pretrained(folder)
+        return vae_class(config).from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder}: its weights cannot be loaded ({str(e).splitlines()[0]})") from None
+
+
+def vae_class(config: dict):
+    """AutoencoderTiny for a tiny student's config (TAESD, `sdvae train teacher=...`), else AutoencoderKL."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    return AutoencoderTiny if config.get("_class_name") == "AutoencoderTiny" else AutoencoderKL
 
 
 def read_config_json(path: Path) -> dict:
@@ -271,7 +276,7 @@ def check_config(config: dict, source) -> dict:
     if blocks is not None and not (isinstance(blocks, (list, tuple)) and blocks and all(whole(c) for c in blocks)):
         refuse("block_out_channels", "a list of positive integers")
     groups = config.get("norm_num_groups", 32)
-    if blocks and any(c % groups for c in blocks):
+    if blocks and vae_class(config).__name__ == "AutoencoderKL" and any(c % groups for c in blocks):  # no norms in tiny
         refuse("block_out_channels", f"channel counts divisible by norm_num_groups ({groups})")
     for key, known in BLOCK_TYPES.items():
         types = config.get(key)

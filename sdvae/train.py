@@ -33,6 +33,7 @@ from .sources import load_pretrained_vae
 from .data import build_dataset, collate, seed_for
 from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
+from .distill import DistillationForward, build_student, last_decoder_layer, load_teacher, teacher_latents
 from .equivariance import Equivariance
 from .files import FolderLock, FolderLocked, atomic_json, atomic_write, remove_stale_temporaries, write_failure
 from .images import png_bytes
@@ -163,8 +164,8 @@ class Run:
     cfg: TrainConfig
     accelerator: Accelerator
     out: Path
-    model: torch.nn.Module  # VAETrainingForward wrapped for DDP: every forward goes through it
-    vae: torch.nn.Module  # its AutoencoderKL, unwrapped: export, previews, the adversarial weight's last layer
+    model: torch.nn.Module  # VAETrainingForward (DistillationForward) wrapped for DDP: every forward goes through it
+    vae: torch.nn.Module  # its AutoencoderKL (AutoencoderTiny), unwrapped: export, previews, the adversarial weight
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     criterion: AutoencoderLoss
@@ -179,6 +180,7 @@ class Run:
     val_batches: list = field(default_factory=list)
     perceptual: bool = False
     equivariance: Equivariance | None = None  # None: the term is off
+    teacher: torch.nn.Module | None = None  # distillation: the frozen KL VAE whose latents the student learns
 
     @functools.cached_property
     def trained(self) -> list:
@@ -197,16 +199,22 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not isinstance(dataset, IterableDataset),
                         num_workers=workers, collate_fn=collate, drop_last=False, worker_init_fn=ignore_stop_signals)
     preview, val_batches = load_validation(cfg, dataset)
-    module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
+    teacher = load_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None
+    if teacher is not None and cfg.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        module = DistillationForward(trainable_student(cfg, teacher).train())
+    else:
+        module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
     if cfg.channels_last:
         module.to(memory_format=torch.channels_last)
     lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
     criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model,
-                                cfg.equivariance_weight).to(accelerator.device)
+                                cfg.equivariance_weight, cfg.latent_weight).to(accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(params, lr=learning_rate(cfg, accelerator, 0), betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.weight_decay,  # the first step is the warm-up's first
+                                weight_decay=cfg.weight_decay, amsgrad=cfg.adam_amsgrad,  # lr: the warm-up's first
                                 fused=accelerator.device.type == "cuda" or None)  # one kernel; slower on CPUs
     model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     checkpoint = find_checkpoint(Path(cfg.output_dir), cfg.resume) if cfg.resume else None
@@ -230,7 +238,7 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
               state, StepGuard(guarded, [optimizer] + ([disc_optimizer] if disc is not None else [])), disc,
               disc_optimizer, preview=preview, val_batches=val_batches, perceptual=lpips_model is not None,
               equivariance=Equivariance(cfg.equivariance_prob, cfg.equivariance_scales, cfg.equivariance_rotate)
-              if cfg.equivariance_weight > 0 else None)
+              if cfg.equivariance_weight > 0 else None, teacher=teacher)
     if checkpoint is not None:
         if not run.guard.finite():  # written by something other than this loop, which never saves such weights
             raise CheckpointError(f"cannot resume from {checkpoint}: its weights hold NaN or inf")
@@ -269,6 +277,20 @@ def trainable_vae(cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     return vae
+
+
+def trainable_student(cfg: TrainConfig, teacher):
+    """A new tiny student for the teacher, or (init_from) one to go on from, such as a published TAESD."""
+    if not cfg.init_from:
+        return build_student(cfg.model, teacher)
+    student = load_pretrained_vae(cfg.init_from)
+    if type(student).__name__ != "AutoencoderTiny":
+        raise ValueError(f"init_from {cfg.init_from} is a {type(student).__name__}; with teacher= it must be a tiny "
+                         f"student (AutoencoderTiny)")
+    if student.config.latent_channels != teacher.config.latent_channels:
+        raise ValueError(f"init_from {cfg.init_from} has {student.config.latent_channels} latent channels, the "
+                         f"teacher {teacher.config.latent_channels}")
+    return student
 
 
 @torch.no_grad()
@@ -405,22 +427,31 @@ def vae_backward(run: Run, x: torch.Tensor, use_disc: bool):
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     noise_seed = seed_for(cfg.seed, accelerator.process_index, state.step, state.batch_in_epoch, state.epoch)
-    transform = None
-    if run.equivariance is not None:  # drawn from the step's seed too: a resumed run draws the same transforms
-        factor = 2 ** (len(run.vae.config.block_out_channels) - 1)
-        transform = run.equivariance.draw(seed_for(noise_seed, 1), (x.shape[-2] // factor, x.shape[-1] // factor))
-    outputs = run.model(x, noise_seed if cfg.sample_posterior else None, transform)
+    if run.teacher is not None:
+        target, given = teacher_latents(run.teacher, x, noise_seed if cfg.sample_posterior else None)
+        outputs = run.model(x, target, given)
+    else:
+        outputs = run.model(x, noise_seed if cfg.sample_posterior else None, equivariance_transform(run, x, noise_seed))
     reconstruction = outputs.reconstruction
     with accelerator.autocast():
-        loss, nll, logs = run.criterion(x, reconstruction, outputs.kl, outputs.logvar, outputs.equivariant)
+        loss, nll, logs = run.criterion(x, reconstruction, outputs.kl, outputs.logvar, outputs.equivariant,
+                                        outputs.latent_error)
         logs.update(outputs.latent_logs)
         if use_disc:
             adversarial, adv_logs = generator_term(accelerator.unwrap_model(run.disc), reconstruction, nll,
-                                                   run.vae.decoder.conv_out.weight, cfg.disc_weight)
+                                                   last_decoder_layer(run.vae), cfg.disc_weight)
             loss = loss + adversarial
             logs.update(adv_logs)
     accelerator.backward(loss)  # also when not finite: DDP expects every forward to get its backward
     return loss, logs, reconstruction
+
+
+def equivariance_transform(run: Run, x: torch.Tensor, noise_seed: int):
+    """This step's T, or None: drawn from the step's seed too, so a resumed run draws the same transforms."""
+    if run.equivariance is None:
+        return None
+    factor = 2 ** (len(run.vae.config.block_out_channels) - 1)
+    return run.equivariance.draw(seed_for(noise_seed, 1), (x.shape[-2] // factor, x.shape[-1] // factor))
 
 
 def count_nonfinite(run: Run, problem: str) -> None:
@@ -589,6 +620,7 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
                    discriminator=run.disc is not None, exported_weights=exported,
                    processes=accelerator.num_processes, mixed_precision=cfg.mixed_precision,
                    first_logged=window.first, last_logged=window.last, export=str(out / "vae"),
+                   model_class=type(vae).__name__, teacher=cfg.teacher,
                    latent_factors=factors)
     if run.val_batches:  # scored with the exported weights
         metrics["validation"] = evaluate(vae, run.val_batches, accelerator.device)
@@ -613,8 +645,9 @@ def measure_factors(run: Run) -> dict:
 
     cfg, vae = run.cfg, run.vae
     kept = dict(scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.get("shift_factor"))
-    wanted = cfg.measure_factors if cfg.measure_factors is not None else not cfg.train_decoder_only
-    why = ("measure_factors=false" if not wanted else "the config normalises latents per channel (latents_mean/std)"
+    wanted = cfg.measure_factors if cfg.measure_factors is not None else not (cfg.train_decoder_only or cfg.teacher)
+    why = ("a student decodes its teacher's scaled latents (factors 1 / 0)" if cfg.teacher else
+           "measure_factors=false" if not wanted else "the config normalises latents per channel (latents_mean/std)"
            if vae.config.get("latents_mean") is not None else "streamed data" if cfg.streaming else None)
     if why is not None:
         return dict(measured=False, why=why, **kept)
