@@ -109,9 +109,11 @@ def add_convert_and_export(command, parents) -> None:
     convert.add_argument("out")
     convert.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
 
-    export = command("export", run_export, help="export a run's (or any) VAE as a diffusers folder or a single file")
+    export = command("export", run_export,
+                     help="export a run's (or any) VAE as a diffusers folder, a single file or ONNX graphs")
     export.add_argument("source", help="run folder, diffusers folder or single file")
-    export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"])
+    export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file", "onnx"],
+                        help="onnx: encoder.onnx and decoder.onnx, checked against PyTorch with onnxruntime")
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     export.add_argument("--no-fp16-check", action="store_true",
@@ -145,6 +147,8 @@ def add_encode_and_decode(command, parents) -> None:
                               "default: only when the untiled pass would not fit in memory")
         sub.add_argument("--tile-size", type=int, default=256, help="tiles of about N x N pixels (default 256)")
         sub.add_argument("--compile", action="store_true", help="torch.compile the network (slow first image)")
+        sub.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime"],
+                         help="onnxruntime: run a folder written by `sdvae export --format onnx` (CPU, fp32)")
         if name == "encode":
             sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
 
@@ -297,6 +301,8 @@ def run_export(args) -> int:
 
     vae = load_pretrained_vae(args.source)
     assert_finite(vae.state_dict(), args.source)  # before the fp16 check, which would blame fp16 for NaN weights
+    if args.format == "onnx":
+        return run_onnx_export(vae, args)
     check = None if args.no_fp16_check else fp16_check(vae)
     if check:
         print(f"fp16 decode check on {check['images']} photos at {check['size']} px: max difference "
@@ -307,6 +313,17 @@ def run_export(args) -> int:
     else:
         out = save_diffusers(vae, args.out, args.dtype, fp16=check)
     print(f"{args.format}: {out}")
+    return 0
+
+
+def run_onnx_export(vae, args) -> int:
+    from .onnx import export_onnx
+
+    if args.dtype != "fp32":
+        raise ValueError("the ONNX export is fp32 (its parity with PyTorch is checked in fp32)")
+    parity = export_onnx(vae, args.out)
+    print(f"onnx: {args.out} (encoder.onnx, decoder.onnx); onnxruntime against PyTorch, max abs difference: encoder "
+          f"{parity['encoder_max_abs_diff']:.2g}, decoder {parity['decoder_max_abs_diff']:.2g} (bound {parity['bound']:g})")
     return 0
 
 
@@ -350,7 +367,8 @@ def run_codec(args) -> int:
     if missing:  # before the model loads
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    codec = load_vae(args.vae, device, args.dtype, compile=args.compile, tile_size=args.tile_size)
+    codec = load_vae(args.vae, device, args.dtype, compile=args.compile, tile_size=args.tile_size,
+                     backend=args.backend)
     if args.command == "encode":
         done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled,
                                      max_pixels=args.max_pixels)

@@ -99,12 +99,16 @@ class VAECodec:
 
     @property
     def is_tiny(self) -> bool:
-        return not hasattr(self.model, "quant_conv")
+        from .onnx import is_tiny
+
+        return is_tiny(self.model)
 
     def _tile(self, tiled: bool | None, direction: str, shape) -> bool:
-        if self.is_tiny:  # a few MB of activations per megapixel; sdvae.tiling walks AutoencoderKL's blocks
+        whole = "a tiny student (AutoencoderTiny)" if self.is_tiny else "the onnxruntime backend" if not isinstance(
+            self.model, torch.nn.Module) else None
+        if whole:  # sdvae.tiling walks AutoencoderKL's blocks; a student needs a few MB per megapixel
             if tiled:
-                raise ValueError("tiled encode/decode is for KL VAEs; a tiny student (AutoencoderTiny) runs whole")
+                raise ValueError(f"tiled encode/decode needs a KL VAE run by PyTorch; {whole} runs whole")
             return False
         if tiled is not None:
             return tiled
@@ -201,14 +205,17 @@ class VAECodec:
 
 def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              channels_last: bool = True, compile: bool = False, tile_size: int = 256,
-             max_memory: int | None = None) -> VAECodec:
+             max_memory: int | None = None, backend: str = "pytorch") -> VAECodec:
     """A diffusers folder, a single file, an sdvae run folder, or (with a network) a hub id.
 
     channels_last (default): convolutions run in NHWC, ~20% faster than NCHW on CPU (eval/bench_inference.py)
     and the layout tensor cores want. `compile`: torch.compile the encoder and decoder (first call slow).
 
     fp16 honours the config's `force_upcast` as diffusers pipelines do: the decoder then stays fp32 (the SD VAE's
-    decoder overflows fp16 at high resolution) while the encoder runs in fp16."""
+    decoder overflows fp16 at high resolution) while the encoder runs in fp16.
+
+    backend="onnxruntime": `path` is a folder written by `sdvae export --format onnx`, run on the CPU in fp32
+    (untiled)."""
     from .sources import as_dtype, load_pretrained_vae
 
     dtype, device = as_dtype(dtype), as_device(device)
@@ -216,6 +223,10 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     if max_memory is not None and not (isinstance(max_memory, int) and max_memory > 0):
         raise ValueError(f"max_memory must be a positive number of bytes (or None for 60% of free memory), "
                          f"got {max_memory!r}")
+    if backend == "onnxruntime":
+        return onnxruntime_codec(path, device, dtype, compile, tile_size, max_memory)
+    if backend != "pytorch":
+        raise ValueError(f"backend must be pytorch or onnxruntime, got {backend!r}")
     model = load_pretrained_vae(str(path)).to(device).eval()
     if device.type == "cpu" and dtype != torch.float32 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
         warnings.warn(f"{dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native 16-bit "
@@ -234,6 +245,15 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
         model.encoder = torch.compile(model.encoder)
         model.decoder = torch.compile(model.decoder)
     return VAECodec(model, device, dtype, decode_dtype, tile_size, max_memory)
+
+
+def onnxruntime_codec(path, device: torch.device, dtype: torch.dtype, compile: bool, tile_size: int,
+                      max_memory: int | None) -> VAECodec:
+    from .onnx import OnnxVAE
+
+    if device.type != "cpu" or dtype != torch.float32 or compile:
+        raise ValueError("the onnxruntime backend runs on the CPU in fp32, without torch.compile")
+    return VAECodec(OnnxVAE(path), device, dtype, dtype, tile_size, max_memory)
 
 
 def list_inputs(inputs: list, suffixes: tuple, out_suffix: str) -> list[tuple[Path, Path]]:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save
 
 from .convert import diffusers_to_ldm
+from .models import latent_mode
 from .sources import as_dtype
 from .files import atomic_folder, atomic_write
 
@@ -24,7 +25,7 @@ def fp16_check(vae, images: torch.Tensor | None = None, bound: float = FP16_BOUN
         images = check_images()
     vae = vae.float().eval()
     device = next(vae.parameters()).device
-    latents = vae.encode(images.to(device)).latent_dist.mode()
+    latents = latent_mode(vae, images.to(device))
     reference = vae.decode(latents).sample
     half = copy.deepcopy(vae).half()
     decoded = half.decode(latents.half()).sample.float()
@@ -63,6 +64,9 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; the single file needs a file name (e.g. {path / 'vae.safetensors'})")
+    if type(vae).__name__ != "AutoencoderKL":
+        raise ValueError(f"the single-file layout is the LDM KL VAE's; {source or 'this'} is a {type(vae).__name__}: "
+                         f"export it as a diffusers folder (or --format onnx)")
     path.parent.mkdir(parents=True, exist_ok=True)
     assert_finite(vae.state_dict(), f"{source or 'the VAE'}")
     state = {k: v.detach().to(as_dtype(dtype)).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}

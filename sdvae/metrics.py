@@ -81,10 +81,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
-    """Encode with the posterior mode and decode (how reconstructions are scored); a tiny student (AutoencoderTiny)
-    has no posterior: its latents as they are."""
-    encoded = vae.encode(x)
-    return vae.decode(encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()).sample
+    """Encode with the posterior mode (a tiny student: its latents) and decode: how reconstructions are scored."""
+    from .models import latent_mode
+
+    return vae.decode(latent_mode(vae, x)).sample
 
 
 def score(inputs: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, list[float]]:

@@ -140,5 +140,11 @@ def latent_logs(posterior, z: torch.Tensor) -> dict:
     return logs
 
 
+def latent_mode(vae, x: torch.Tensor) -> torch.Tensor:
+    """The deterministic latent of x, unscaled: the posterior mode, or a tiny student's (AutoencoderTiny) latents."""
+    encoded = vae.encode(x)
+    return encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
