@@ -106,6 +106,58 @@ def speed_rows(folder, device, sizes, batches, dtypes, compile_, budget_s, tiled
     return rows
 
 
+def backend_rows(folder, size, budget_s):
+    """fp32 decode of one size x size image on the CPU through each execution path: diffusers eager (the
+    reference), ours (channels-last eager, the default), ours + torch.compile, ours traced + frozen +
+    torch.jit.optimize_for_inference (oneDNN's prepacked convolutions), and onnxruntime on the exported graphs."""
+    from diffusers import AutoencoderKL
+
+    import sdvae
+    from sdvae.onnx import export_onnx
+
+    reference = AutoencoderKL.from_pretrained(folder).eval()
+    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        base_s, base = timed(lambda: reference.decode(z).sample.clamp(-1, 1), budget_s)
+    print(f"decode {size}: diffusers eager {base_s:.2f} s", flush=True)
+    onnx_folder = Path(tempfile.mkdtemp(prefix="sdvae-onnx-")) / "graphs"
+    started = time.perf_counter()
+    parity = export_onnx(reference, onnx_folder)
+    print(f"  onnx export and parity check: {time.perf_counter() - started:.0f} s, {parity}", flush=True)
+    ours = sdvae.load_vae(folder)
+    paths = {
+        "ours (channels-last eager, default)": lambda: ours,
+        "ours + torch.compile": lambda: sdvae.load_vae(folder, compile=True),
+        "ours + oneDNN (trace, freeze, optimize_for_inference)": lambda: onednn_codec(folder, z),
+        "onnxruntime": lambda: sdvae.load_vae(str(onnx_folder), backend="onnxruntime"),
+    }
+    rows = [dict(path="diffusers eager", size=size, seconds=base_s, vs_diffusers=1.0, max_diff=0.0)]
+    for name, make in paths.items():
+        started = time.perf_counter()
+        codec = make()
+        codec.decode(z, scaled=False, tiled=False, output_type="pt")  # compile / trace / first-run costs, kept apart
+        setup = time.perf_counter() - started
+        seconds, out = timed(lambda: codec.decode(z, scaled=False, tiled=False, output_type="pt"), budget_s)
+        rows.append(dict(path=name, size=size, seconds=seconds, vs_diffusers=base_s / seconds, setup_s=setup,
+                         max_diff=(out.float() - base).abs().max().item()))
+        print(f"  {name}: {seconds:.2f} s ({base_s / seconds:.2f}x), first call {setup:.0f} s, max |diff| "
+              f"{rows[-1]['max_diff']:.1e}", flush=True)
+    return rows
+
+
+def onednn_codec(folder, z):
+    """load_vae's codec with its decoder traced, frozen and optimised for inference by TorchScript."""
+    import sdvae
+
+    codec = sdvae.load_vae(folder)
+    decoder = codec.model.decoder
+    with torch.no_grad():
+        example = codec.model.post_quant_conv(z.contiguous(memory_format=torch.channels_last))
+        traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(decoder.eval(), example)))
+    codec.model.decoder = traced
+    return codec
+
+
 def quality_rows(vae_path, data_dir, dtypes, device, max_images):
     """PSNR of each precision's reconstruction against the input and against the fp32 reconstruction (8-bit,
     full size), on real photos with a trained VAE."""
@@ -245,6 +297,9 @@ def main():
     parser.add_argument("--quality-images", type=int, default=24)
     parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of repeats per measurement")
     parser.add_argument("--out", default=None, help="results file stem (default eval/results/bench_inference_<device>)")
+    parser.add_argument("--backends", type=int, metavar="SIZE",
+                        help="only the CPU execution paths' fp32 decode of SIZE x SIZE (eager, torch.compile, oneDNN, "
+                             "onnxruntime); writes eval/results/bench_inference_backends_cpu.*")
     args = parser.parse_args()
 
     import diffusers
@@ -258,6 +313,8 @@ def main():
     torch.manual_seed(0)
     build_vae("sd-kl-f8").save_pretrained(folder)
 
+    if args.backends:
+        return write_backends(backend_rows(folder, args.backends, args.budget_s), name, diffusers.__version__)
     rows = speed_rows(folder, device, args.sizes, args.batches, args.dtypes, args.compile, args.budget_s,
                       args.tiled_from)
     for extra in args.extra:
@@ -277,6 +334,26 @@ def main():
     table = markdown(rows, memory, meta, quality)
     out.with_suffix(".md").write_text(table)
     print(table)
+
+
+def write_backends(rows, device_name, diffusers_version) -> None:
+    import onnxruntime
+
+    lines = [f"# Decode through each CPU execution path: {device_name}", "",
+             f"torch {torch.__version__}, diffusers {diffusers_version}, onnxruntime {onnxruntime.__version__}; "
+             f"`python {' '.join(sys.argv)}`", "",
+             "The SD VAE architecture (`sd-kl-f8`, random weights, seed 0), one image, fp32. Median seconds of the "
+             "timed calls after a first call (compiling, tracing), whose time is given apart. Max abs diff: against "
+             "diffusers' output, on [-1, 1].", "",
+             "| path | size | seconds | vs diffusers eager | first call s | max abs diff |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        setup = f"{r['setup_s']:.0f}" if "setup_s" in r else ""
+        lines.append(f"| {r['path']} | {r['size']} | {r['seconds']:.2f} | {r['vs_diffusers']:.2f}x | {setup} | "
+                     f"{r['max_diff']:.1e} |")
+    out = Path(__file__).parent / "results" / "bench_inference_backends_cpu"
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
