@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval, add_probe):
+    for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval, add_probe,
+                add_publish):
         add(command, (vae, device, images))
     return parser
 
@@ -118,6 +119,18 @@ def add_convert_and_export(command, parents) -> None:
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     export.add_argument("--no-fp16-check", action="store_true",
                         help="skip the fp16 decode check that sets force_upcast")
+
+
+def add_publish(command, parents) -> None:
+    """sdvae publish: a model card, the diffusers files and the single file, uploaded to the Hugging Face hub."""
+    publish = command("publish", run_publish, help="stage a run as a Hugging Face model repo (model card, diffusers "
+                                                   "files, single file) and upload it")
+    publish.add_argument("source", metavar="RUN", help="run folder (or any VAE sdvae loads)")
+    publish.add_argument("--repo-id", required=True, help="owner/name on the Hugging Face hub")
+    publish.add_argument("--private", action="store_true")
+    publish.add_argument("--license", default="apache-2.0", help="the card's license (default apache-2.0)")
+    publish.add_argument("--out", help="where the repo is staged (default RUN/publish)")
+    publish.add_argument("--dry-run", action="store_true", help="stage the folder and stop: nothing is uploaded")
 
 
 def add_stats(command, parents) -> None:
@@ -324,6 +337,19 @@ def run_onnx_export(vae, args) -> int:
     parity = export_onnx(vae, args.out)
     print(f"onnx: {args.out} (encoder.onnx, decoder.onnx); onnxruntime against PyTorch, max abs difference: encoder "
           f"{parity['encoder_max_abs_diff']:.2g}, decoder {parity['decoder_max_abs_diff']:.2g} (bound {parity['bound']:g})")
+    return 0
+
+
+def run_publish(args) -> int:
+    from .publish import publish, stage
+
+    out = Path(args.out or Path(args.source) / "publish")
+    folder = stage(args.source, args.repo_id, out, args.license)
+    if args.dry_run:
+        print(f"dry run: staged {args.repo_id} in {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))}); "
+              f"nothing uploaded")
+        return 0
+    print(f"uploaded {folder} to https://huggingface.co/{args.repo_id}: {publish(folder, args.repo_id, args.private)}")
     return 0
 
 
