@@ -2,8 +2,8 @@
 
     python eval/distill.py --teacher RUN_OR_VAE --work /tmp/distill --minutes 10
 
-1. Distils `taesd-16` (train/configs/distill-tiny.yaml) from the teacher on BSDS500 train at 128 px for
-   --minutes; a finished run in --work is reused.
+1. Distils `taesd-16` (train/configs/distill-tiny.yaml, batch --batch-size) from the teacher on BSDS500 train at
+   128 px for --minutes; a finished run in --work is reused.
 2. Decode cost of one 512x512 image in fp32 on this CPU: multiply-accumulates (torch.utils.flop_counter) and the
    median wall time, student against teacher; and TAESD's own widths (`taesd`) against `sd-kl-f8`, with random
    weights (the cost does not depend on them).
@@ -34,11 +34,12 @@ from sdvae.models import build_vae, count_parameters  # noqa: E402
 from sdvae.sources import load_pretrained_vae  # noqa: E402
 
 
-def distil(teacher: str, out: Path, minutes: float) -> dict:
+def distil(teacher: str, out: Path, minutes: float, batch_size: int) -> dict:
     if not (out / "metrics.json").is_file():
         command = [sys.executable, "-m", "sdvae", "train", "--config", str(ROOT / "train/configs/distill-tiny.yaml"),
                    f"teacher={teacher}", "model=taesd-16", f"data={DATA / 'bsds500/train'}",
-                   f"val_data={DATA / 'bsds500/val'}", "resolution=128", "perceptual_weight=0",  # no VGG16 offline
+                   f"val_data={DATA / 'bsds500/val'}", "resolution=128", f"batch_size={batch_size}",
+                   "perceptual_weight=0",  # no VGG16 weights offline
                    f"max_minutes={minutes}", f"output_dir={out}", "sample_every=500", "checkpoint_every=500"]
         print("$ " + " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)
@@ -86,12 +87,14 @@ def main():
     parser.add_argument("--teacher", required=True, help="the KL VAE to distil (a run folder, diffusers folder, file)")
     parser.add_argument("--work", required=True, help="the student's run folder goes here")
     parser.add_argument("--minutes", type=float, default=10.0, help="distillation budget (default 10)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="TAESD's 16 is for GPUs; on 2 CPU cores more, smaller steps fit the budget (default 4)")
     parser.add_argument("--results", default=str(ROOT / "eval" / "results" / "distill_cpu"))
     args = parser.parse_args()
     if not all(p.is_dir() for p in SETS.values()):
         raise SystemExit(f"Kodak and BSDS500 are needed in {DATA}")
     torch.manual_seed(0)
-    run = distil(args.teacher, Path(args.work) / "student", args.minutes)
+    run = distil(args.teacher, Path(args.work) / "student", args.minutes, args.batch_size)
     teacher = load_pretrained_vae(args.teacher).eval()
     student = load_pretrained_vae(run["export"]).eval()
     channels = teacher.config.latent_channels
@@ -101,7 +104,7 @@ def main():
     scores = {label: quality(teacher, student, data) for label, data in SETS.items()}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    summary = dict(teacher=args.teacher, minutes=args.minutes, run={k: run[k] for k in (
+    summary = dict(teacher=args.teacher, minutes=args.minutes, batch_size=args.batch_size, run={k: run[k] for k in (
         "steps", "wall_seconds", "images_per_sec", "images_seen", "validation")}, decode_512=cost, quality=scores,
         torch_threads=torch.get_num_threads())
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -113,8 +116,8 @@ def table(s: dict) -> str:
     c, run = s["decode_512"], s["run"]
     lines = [
         "# A tiny preview VAE distilled on this CPU\n",
-        f"`python eval/distill.py --teacher {s['teacher']} --minutes {s['minutes']:g}`: `taesd-16` "
-        f"(`train/configs/distill-tiny.yaml`, batch 16, 128 px, MSE, `perceptual_weight=0`) distilled from the teacher "
+        f"`python eval/distill.py --teacher {s['teacher']} --minutes {s['minutes']:g} --batch-size {s['batch_size']}`: `taesd-16` "
+        f"(`train/configs/distill-tiny.yaml`, batch {s['batch_size']}, 128 px, MSE, `perceptual_weight=0`) distilled from the teacher "
         f"on BSDS500 train: {run['steps']} steps in {run['wall_seconds'] / 60:.1f} min "
         f"({run['images_per_sec']:.1f} images/s), 2 CPU cores, fp32.\n",
         "## Decode cost, one 512x512 image, fp32, channels-last, this CPU\n",

@@ -99,7 +99,7 @@ class VAECodec:
 
     @property
     def is_tiny(self) -> bool:
-        from .onnx import is_tiny
+        from .models import is_tiny
 
         return is_tiny(self.model)
 

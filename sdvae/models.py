@@ -140,6 +140,11 @@ def latent_logs(posterior, z: torch.Tensor) -> dict:
     return logs
 
 
+def is_tiny(vae) -> bool:
+    """A tiny student (diffusers' AutoencoderTiny, or its ONNX graphs): no posterior, latents already scaled."""
+    return type(vae).__name__ == "AutoencoderTiny" or getattr(vae, "is_tiny", False)
+
+
 def latent_mode(vae, x: torch.Tensor) -> torch.Tensor:
     """The deterministic latent of x, unscaled: the posterior mode, or a tiny student's (AutoencoderTiny) latents."""
     encoded = vae.encode(x)

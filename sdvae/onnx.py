@@ -15,13 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .models import is_tiny
+
 PARITY_BOUND = 1e-4  # max abs difference from PyTorch in fp32, on the image and the latent scale alike
 OPSET = 18
 GRAPHS = ("encoder.onnx", "decoder.onnx")
-
-
-def is_tiny(vae) -> bool:
-    return type(vae).__name__ == "AutoencoderTiny" or getattr(vae, "is_tiny", False)
 
 
 class _Encoder(torch.nn.Module):

@@ -19,6 +19,7 @@ def stage(run: str | Path, repo_id: str, out: str | Path, license: str = "apache
     """Write the folder `publish` would upload into `out` (whole or not at all) and return it."""
     from .export import save_diffusers, save_single_file
     from .files import atomic_folder
+    from .models import is_tiny
     from .sources import load_pretrained_vae
 
     if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -28,7 +29,7 @@ def stage(run: str | Path, repo_id: str, out: str | Path, license: str = "apache
         raise FileExistsError(f"{out} is a folder that sdvae publish did not stage; choose another --out")
     vae = load_pretrained_vae(str(run))
     name = repo_id.split("/")[1]
-    kl = type(vae).__name__ == "AutoencoderKL"
+    kl = not is_tiny(vae)
     with atomic_folder(out) as tmp:
         save_diffusers(vae, tmp / "diffusers")
         for f in (tmp / "diffusers").iterdir():

@@ -39,7 +39,7 @@ from .files import FolderLock, FolderLocked, atomic_json, atomic_write, remove_s
 from .images import png_bytes
 from .losses import AutoencoderLoss, build_lpips
 from .metrics import comparison_grid, error_grid, reconstruct, score, summarise
-from .models import VAETrainingForward, build_vae
+from .models import VAETrainingForward, build_vae, is_tiny
 
 log = logging.getLogger("sdvae")
 
@@ -284,7 +284,7 @@ def trainable_student(cfg: TrainConfig, teacher):
     if not cfg.init_from:
         return build_student(cfg.model, teacher)
     student = load_pretrained_vae(cfg.init_from)
-    if type(student).__name__ != "AutoencoderTiny":
+    if not is_tiny(student):
         raise ValueError(f"init_from {cfg.init_from} is a {type(student).__name__}; with teacher= it must be a tiny "
                          f"student (AutoencoderTiny)")
     if student.config.latent_channels != teacher.config.latent_channels:
