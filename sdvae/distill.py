@@ -61,9 +61,9 @@ def teacher_latents(teacher, x: torch.Tensor, noise_seed: int | None) -> tuple[t
     decoder sees samples (noise_seed; None: the mean too) because diffusion models learn, and produce, those."""
     scale, shift = teacher_factors(teacher)
     posterior = teacher.encode(x).latent_dist
-    z = posterior.mode() if noise_seed is None else posterior.sample(
-        generator=torch.Generator(x.device).manual_seed(noise_seed))
-    return (posterior.mode() - shift) * scale, (z - shift) * scale
+    mean = posterior.mode()
+    z = mean if noise_seed is None else posterior.sample(generator=torch.Generator(x.device).manual_seed(noise_seed))
+    return (mean - shift) * scale, (z - shift) * scale
 
 
 class DistillationForward(torch.nn.Module):

@@ -199,15 +199,7 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not isinstance(dataset, IterableDataset),
                         num_workers=workers, collate_fn=collate, drop_last=False, worker_init_fn=ignore_stop_signals)
     preview, val_batches = load_validation(cfg, dataset)
-    teacher = load_teacher(cfg.teacher).to(accelerator.device) if cfg.teacher else None
-    if teacher is not None and cfg.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-    if teacher is not None:
-        module = DistillationForward(trainable_student(cfg, teacher).train())
-    else:
-        module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
-    if cfg.channels_last:
-        module.to(memory_format=torch.channels_last)
+    module, teacher = training_module(cfg, accelerator.device)
     lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
     criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model,
                                 cfg.equivariance_weight, cfg.latent_weight).to(accelerator.device)
@@ -250,6 +242,20 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
         if state.ema is not None:
             load_ema(run.ema, checkpoint, state.ema, trained_names, accelerator.device)
     return run
+
+
+def training_module(cfg: TrainConfig, device):
+    """(the module every forward goes through, the frozen teacher or None): a VAE's encode-sample-decode, or with
+    `teacher` a tiny student's two halves."""
+    teacher = load_teacher(cfg.teacher).to(device) if cfg.teacher else None
+    if teacher is not None:
+        module = DistillationForward(trainable_student(cfg, teacher).train())
+    else:
+        module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
+    if cfg.channels_last:
+        for model in (module, teacher) if teacher is not None else (module,):
+            model.to(memory_format=torch.channels_last)
+    return module, teacher
 
 
 def loader_workers(cfg: TrainConfig, accelerator) -> int:
