@@ -6,7 +6,8 @@
 
 Weights: the SD architecture (`sd-kl-f8`) at random init (seed 0), saved once and loaded by both sides.
 Speed rows: diffusers = `AutoencoderKL.decode/encode` in eager mode (fp32, or bf16/fp16 autocast as diffusers
-users run it); ours = `sdvae.load_vae(...)` (channels-last, the dtype's weights), untiled; tiled = ours with the
+users run it); ours = `sdvae.load_vae(...)`'s default (fp32 on the CPU: onnxruntime on the graphs it exports and
+caches; otherwise channels-last PyTorch in the dtype's weights), untiled; tiled = ours with the
 seam-free tiling forced on. "max |diff|" is against diffusers' output of the same row, on [-1, 1].
 Memory rows: each decode runs in a fresh process; peak = the process's peak resident memory during the call
 (VmHWM, reset just before it) or peak allocated memory (GPU), above what it held before the call.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -107,41 +109,47 @@ def speed_rows(folder, device, sizes, batches, dtypes, compile_, budget_s, tiled
 
 
 def backend_rows(folder, size, budget_s):
-    """fp32 decode of one size x size image on the CPU through each execution path: diffusers eager (the
-    reference), ours (channels-last eager, the default), ours + torch.compile, ours traced + frozen +
-    torch.jit.optimize_for_inference (oneDNN's prepacked convolutions), and onnxruntime on the exported graphs."""
+    """fp32 encode and decode of one size x size image on the CPU through each execution path: diffusers eager
+    (the reference), ours on PyTorch (channels-last eager), ours + torch.compile, ours traced + frozen +
+    torch.jit.optimize_for_inference (oneDNN's prepacked convolutions), and the default (onnxruntime on the
+    graphs load_vae exports and caches on the first load). Encode is timed for the reference, PyTorch and the
+    default."""
     from diffusers import AutoencoderKL
 
     import sdvae
-    from sdvae.onnx import export_onnx
 
     reference = AutoencoderKL.from_pretrained(folder).eval()
     z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(size))
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(size)) * 2 - 1
     with torch.no_grad():
         base_s, base = timed(lambda: reference.decode(z).sample.clamp(-1, 1), budget_s)
-    print(f"decode {size}: diffusers eager {base_s:.2f} s", flush=True)
-    onnx_folder = Path(tempfile.mkdtemp(prefix="sdvae-onnx-")) / "graphs"
-    started = time.perf_counter()
-    parity = export_onnx(reference, onnx_folder)
-    print(f"  onnx export and parity check: {time.perf_counter() - started:.0f} s, {parity}", flush=True)
-    ours = sdvae.load_vae(folder)
+        base_encode_s, base_z = timed(lambda: reference.encode(x).latent_dist.mode(), budget_s)
+    print(f"{size}: diffusers eager decode {base_s:.2f} s, encode {base_encode_s:.2f} s", flush=True)
     paths = {
-        "ours (channels-last eager, default)": lambda: ours,
+        "ours, PyTorch (channels-last eager)": lambda: sdvae.load_vae(folder, backend="pytorch"),
         "ours + torch.compile": lambda: sdvae.load_vae(folder, compile=True),
         "ours + oneDNN (trace, freeze, optimize_for_inference)": lambda: onednn_codec(folder, z),
-        "onnxruntime": lambda: sdvae.load_vae(str(onnx_folder), backend="onnxruntime"),
+        "ours, default (onnxruntime on cached graphs)": lambda: sdvae.load_vae(folder),
     }
-    rows = [dict(path="diffusers eager", size=size, seconds=base_s, vs_diffusers=1.0, max_diff=0.0)]
+    rows = [dict(path="diffusers eager", size=size, seconds=base_s, vs_diffusers=1.0, max_diff=0.0,
+                 encode_s=base_encode_s, encode_vs_diffusers=1.0)]
     for name, make in paths.items():
         started = time.perf_counter()
-        codec = make()
-        codec.decode(z, scaled=False, tiled=False, output_type="pt")  # compile / trace / first-run costs, kept apart
-        setup = time.perf_counter() - started
-        seconds, out = timed(lambda: codec.decode(z, scaled=False, tiled=False, output_type="pt"), budget_s)
-        rows.append(dict(path=name, size=size, seconds=seconds, vs_diffusers=base_s / seconds, setup_s=setup,
-                         max_diff=(out.float() - base).abs().max().item()))
-        print(f"  {name}: {seconds:.2f} s ({base_s / seconds:.2f}x), first call {setup:.0f} s, max |diff| "
-              f"{rows[-1]['max_diff']:.1e}", flush=True)
+        codec = make()  # the default's first load exports its graphs: kept apart with the first call
+        codec.decode(z, scaled=False, tiled=False, output_type="pt")
+        row = dict(path=name, size=size, setup_s=time.perf_counter() - started)
+        row["seconds"], out = timed(lambda: codec.decode(z, scaled=False, tiled=False, output_type="pt"), budget_s)
+        row.update(vs_diffusers=base_s / row["seconds"], max_diff=(out.float() - base).abs().max().item())
+        if "compile" not in name and "oneDNN" not in name:
+            row["encode_s"], latent = timed(lambda: codec.encode(x, scaled=False, tiled=False), budget_s)
+            row.update(encode_vs_diffusers=base_encode_s / row["encode_s"],
+                       encode_max_diff=(latent - base_z).abs().max().item())
+        if "default" in name:
+            started = time.perf_counter()
+            assert sdvae.load_vae(folder).graphs is not None
+            row["cached_load_s"] = time.perf_counter() - started
+        rows.append(row)
+        print(f"  {name}: {row}", flush=True)
     return rows
 
 
@@ -149,7 +157,7 @@ def onednn_codec(folder, z):
     """load_vae's codec with its decoder traced, frozen and optimised for inference by TorchScript."""
     import sdvae
 
-    codec = sdvae.load_vae(folder)
+    codec = sdvae.load_vae(folder, backend="pytorch")
     decoder = codec.model.decoder
     with torch.no_grad():
         example = codec.model.post_quant_conv(z.contiguous(memory_format=torch.channels_last))
@@ -298,8 +306,8 @@ def main():
     parser.add_argument("--budget-s", type=float, default=20.0, help="seconds of repeats per measurement")
     parser.add_argument("--out", default=None, help="results file stem (default eval/results/bench_inference_<device>)")
     parser.add_argument("--backends", type=int, metavar="SIZE",
-                        help="only the CPU execution paths' fp32 decode of SIZE x SIZE (eager, torch.compile, oneDNN, "
-                             "onnxruntime); writes eval/results/bench_inference_backends_cpu.*")
+                        help="only the CPU execution paths' fp32 encode/decode of SIZE x SIZE (eager, torch.compile, "
+                             "oneDNN, onnxruntime); writes eval/results/bench_inference_backends_cpu.*")
     args = parser.parse_args()
 
     import diffusers
@@ -310,6 +318,7 @@ def main():
     name = torch.cuda.get_device_name() if device == "cuda" else \
         f"CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
     folder = tempfile.mkdtemp(prefix="sdvae-bench-")
+    os.environ.setdefault("SDVAE_CACHE_DIR", str(Path(folder) / "cache"))  # the default path's first export is timed
     torch.manual_seed(0)
     build_vae("sd-kl-f8").save_pretrained(folder)
 
@@ -339,17 +348,23 @@ def main():
 def write_backends(rows, device_name, diffusers_version) -> None:
     import onnxruntime
 
-    lines = [f"# Decode through each CPU execution path: {device_name}", "",
+    default = next(r for r in rows if "default" in r["path"])
+    lines = [f"# Encode and decode through each CPU execution path: {device_name}", "",
              f"torch {torch.__version__}, diffusers {diffusers_version}, onnxruntime {onnxruntime.__version__}; "
              f"`python {' '.join(sys.argv)}`", "",
              "The SD VAE architecture (`sd-kl-f8`, random weights, seed 0), one image, fp32. Median seconds of the "
-             "timed calls after a first call (compiling, tracing), whose time is given apart. Max abs diff: against "
-             "diffusers' output, on [-1, 1].", "",
-             "| path | size | seconds | vs diffusers eager | first call s | max abs diff |", "|---|---|---|---|---|---|"]
+             "timed calls after a first call; the first load and call (compiling, tracing, the ONNX export) are "
+             "given apart. Max abs diff: against diffusers' output, on [-1, 1] (decode) and on the unscaled "
+             f"latent mean (encode). The default's later loads find its graphs cached: {default['cached_load_s']:.1f} "
+             "s each (hashing the weights, opening the sessions).", "",
+             "| path | size | decode s | vs diffusers | encode s | vs diffusers | first load + call s | "
+             "max abs diff (decode / encode) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         setup = f"{r['setup_s']:.0f}" if "setup_s" in r else ""
-        lines.append(f"| {r['path']} | {r['size']} | {r['seconds']:.2f} | {r['vs_diffusers']:.2f}x | {setup} | "
-                     f"{r['max_diff']:.1e} |")
+        encode = f"{r['encode_s']:.2f} | {r['encode_vs_diffusers']:.2f}x" if "encode_s" in r else "| "
+        diffs = f"{r['max_diff']:.1e}" + (f" / {r['encode_max_diff']:.1e}" if "encode_max_diff" in r else "")
+        lines.append(f"| {r['path']} | {r['size']} | {r['seconds']:.2f} | {r['vs_diffusers']:.2f}x | {encode} | "
+                     f"{setup} | {diffs} |")
     out = Path(__file__).parent / "results" / "bench_inference_backends_cpu"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -160,8 +160,10 @@ def add_encode_and_decode(command, parents) -> None:
                               "default: only when the untiled pass would not fit in memory")
         sub.add_argument("--tile-size", type=int, default=256, help="tiles of about N x N pixels (default 256)")
         sub.add_argument("--compile", action="store_true", help="torch.compile the network (slow first image)")
-        sub.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime"],
-                         help="onnxruntime: run a folder written by `sdvae export --format onnx` (CPU, fp32)")
+        sub.add_argument("--backend", default=None, choices=["auto", "pytorch", "onnxruntime"],
+                         help="auto (default, or $SDVAE_BACKEND): CPU fp32 runs whole images through ONNX graphs "
+                              "of the VAE, exported and checked once and cached (faster); pytorch: PyTorch only; "
+                              "onnxruntime: run a folder written by `sdvae export --format onnx`")
         if name == "encode":
             sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
 

@@ -1,3 +1,6 @@
+import os
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +8,11 @@ from PIL import Image
 
 from sdvae.demo import load_photo
 from sdvae.models import build_vae
+
+# PyTorch unless a test asks for load_vae's default "auto" path (tests/test_onnx.py): an ONNX export of each test
+# VAE would add minutes. Nothing is cached outside temporary folders. Subprocesses inherit both.
+os.environ["SDVAE_BACKEND"] = "pytorch"
+os.environ["SDVAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdvae-test-cache-")
 
 REAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle")
 

@@ -1,5 +1,6 @@
 """ONNX export (`sdvae export --format onnx`) and the onnxruntime backend, against PyTorch."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -27,19 +28,91 @@ def test_export_onnx_and_run_encode_decode_with_onnxruntime(tmp_path, photos, va
     batch = graph.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in batch] == ["batch", "", "height", "width"]  # dynamic batch and size
 
-    for backend in ("pytorch", "onnxruntime"):  # the same files through both backends
-        assert main(["encode", str(photos), "--vae", str(out if backend == "onnxruntime" else vae_dir),
-                     "--backend", backend, "--out", str(tmp_path / f"z-{backend}")]) == 0
-        assert main(["decode", str(tmp_path / f"z-{backend}"), "--vae", str(out if backend == "onnxruntime" else vae_dir),
-                     "--backend", backend, "--out", str(tmp_path / f"x-{backend}")]) == 0
-    names = sorted(p.name for p in (tmp_path / "z-pytorch").glob("*.safetensors"))
-    assert names and names == sorted(p.name for p in (tmp_path / "z-onnxruntime").glob("*.safetensors"))
-    for name in names:  # photos of several sizes and aspects: the graphs' axes are dynamic
-        a, b = (load_file(tmp_path / f"z-{k}" / name)["latent"] for k in ("pytorch", "onnxruntime"))
-        assert (a - b).abs().max() <= 1e-4
-        png = name.replace(".safetensors", ".png")
-        x, y = (np.asarray(Image.open(tmp_path / f"x-{k}" / png), np.int16) for k in ("pytorch", "onnxruntime"))
-        assert x.shape == y.shape and np.abs(x - y).max() <= 1
+    # the same files through each backend; "auto" on the exported folder runs it with onnxruntime
+    runs = {"pytorch": [vae_dir, "--backend", "pytorch"], "onnxruntime": [out, "--backend", "onnxruntime"],
+            "auto-on-graphs": [out, "--backend", "auto"]}
+    for name, (vae, *backend) in runs.items():
+        assert main(["encode", str(photos), "--vae", str(vae), *backend, "--out", str(tmp_path / f"z-{name}")]) == 0
+        assert main(["decode", str(tmp_path / f"z-{name}"), "--vae", str(vae), *backend,
+                     "--out", str(tmp_path / f"x-{name}")]) == 0
+    assert_same_outputs(tmp_path, list(runs))
+
+
+def assert_same_outputs(folder, runs):
+    """z-RUN and x-RUN in `folder` hold the same files for each run, equal to the first's within fp32 rounding."""
+    names = sorted(p.name for p in (folder / f"z-{runs[0]}").glob("*.safetensors"))
+    for run in runs[1:]:
+        assert names and names == sorted(p.name for p in (folder / f"z-{run}").glob("*.safetensors"))
+        for name in names:  # photos of several sizes and aspects: the graphs' axes are dynamic
+            a, b = (load_file(folder / f"z-{k}" / name)["latent"] for k in (runs[0], run))
+            assert (a - b).abs().max() <= 1e-4
+            png = name.replace(".safetensors", ".png")
+            x, y = (np.asarray(Image.open(folder / f"x-{k}" / png), np.int16) for k in (runs[0], run))
+            assert x.shape == y.shape and np.abs(x - y).max() <= 1
+
+
+def test_the_default_cpu_path_exports_once_then_runs_cached_graphs(tmp_path, photos, vae_dir, monkeypatch,
+                                                                    capsys):
+    monkeypatch.delenv("SDVAE_BACKEND")  # load_vae's own default: auto
+    monkeypatch.setenv("SDVAE_CACHE_DIR", str(tmp_path / "cache"))
+    for name, backend in (("pytorch", ["--backend", "pytorch"]), ("default", []), ("cached", [])):
+        assert main(["encode", str(photos), "--vae", str(vae_dir), *backend, "--out", str(tmp_path / f"z-{name}")]) == 0
+        assert main(["decode", str(tmp_path / f"z-{name}"), "--vae", str(vae_dir), *backend,
+                     "--out", str(tmp_path / f"x-{name}")]) == 0
+        exports = capsys.readouterr().err.count("exporting this VAE to ONNX once")
+        assert exports == {"pytorch": 0, "default": 1, "cached": 0}[name]  # the decode found the encode's graphs
+    assert_same_outputs(tmp_path, ["pytorch", "default", "cached"])
+    [cached] = (tmp_path / "cache" / "onnx").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == ["decoder.onnx", "encoder.onnx"]
+
+    codec, reference = load_vae(str(vae_dir)), load_vae(str(vae_dir), backend="pytorch")
+    assert codec.graphs is not None and reference.graphs is None
+    assert load_vae(str(vae_dir), dtype=torch.bfloat16).graphs is None  # 16-bit runs PyTorch
+    calls = []
+    run = codec.graphs._run
+    monkeypatch.setattr(codec.graphs, "_run", lambda graph, x: calls.append(graph) or run(graph, x))
+    x = torch.rand(1, 3, 64, 96) * 2 - 1
+    z = codec.encode(x, tiled=False)
+    assert calls == ["encoder.onnx"]
+    torch.testing.assert_close(z, reference.encode(x, tiled=False), rtol=0, atol=1e-4)
+    tiled = codec.decode(z, tiled=True, tile_size=32, output_type="pt")  # tiles need PyTorch's blocks
+    assert calls == ["encoder.onnx"]
+    whole = codec.decode(z, tiled=False, output_type="pt")
+    assert calls == ["encoder.onnx", "decoder.onnx"]
+    torch.testing.assert_close(whole, reference.decode(z, tiled=False, output_type="pt"), rtol=0, atol=1e-4)
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-3)
+
+
+def test_the_default_path_stays_on_pytorch_where_graphs_are_not_exact_or_cannot_be_cached(tmp_path, vae_dir,
+                                                                                         monkeypatch, capsys):
+    import sdvae.onnx
+
+    monkeypatch.delenv("SDVAE_BACKEND")
+    monkeypatch.setenv("SDVAE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: PyTorch, quietly
+    assert load_vae(str(vae_dir)).graphs is None and not (tmp_path / "cache").exists()
+    monkeypatch.undo()
+
+    monkeypatch.delenv("SDVAE_BACKEND")
+    monkeypatch.setenv("SDVAE_CACHE_DIR", str(tmp_path / "cache"))
+    check_parity = sdvae.onnx.check_parity
+    monkeypatch.setattr(sdvae.onnx, "check_parity", lambda vae, folder, bound: check_parity(vae, folder, 0.0))
+    with pytest.warns(UserWarning, match="ONNX export failed.*differs from PyTorch"):
+        codec = load_vae(str(vae_dir))
+    assert codec.graphs is None
+    [failed] = (tmp_path / "cache" / "onnx").glob("*.failed")  # remembered: the next load does not try again
+    assert not [p for p in (tmp_path / "cache" / "onnx").iterdir() if p != failed]
+    monkeypatch.setattr(sdvae.onnx, "export_onnx", lambda *a: pytest.fail("exported the same weights again"))
+    assert load_vae(str(vae_dir)).graphs is None
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(codec.encode(x), load_vae(str(vae_dir), backend="pytorch").encode(x))
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SDVAE_CACHE_DIR", str(tmp_path / "file"))  # a cache that cannot be written
+    with pytest.warns(UserWarning, match="could not be cached"):
+        assert load_vae(str(vae_dir)).graphs is None
+    with pytest.raises(ValueError, match="backend must be one of auto, pytorch, onnxruntime"):
+        load_vae(str(vae_dir), backend="onnx")
 
 
 @pytest.mark.parametrize("kind", ["tiny-16ch", "student"])
