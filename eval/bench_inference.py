@@ -356,7 +356,7 @@ def write_backends(rows, device_name, diffusers_version) -> None:
              "timed calls after a first call; the first load and call (compiling, tracing, the ONNX export) are "
              "given apart. Max abs diff: against diffusers' output, on [-1, 1] (decode) and on the unscaled "
              f"latent mean (encode). The default's later loads find its graphs cached: {default['cached_load_s']:.1f} "
-             "s each (hashing the weights, opening the sessions).", "",
+             "s each (loading and hashing the weights, opening the sessions).", "",
              "| path | size | decode s | vs diffusers | encode s | vs diffusers | first load + call s | "
              "max abs diff (decode / encode) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

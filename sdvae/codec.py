@@ -227,8 +227,8 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
 
     backend (default: $SDVAE_BACKEND, else "auto"):
     - "auto": on the CPU in fp32 (without `compile`), whole images run through ONNX graphs of the weights that
-      onnxruntime executes 1.2-1.4x faster than PyTorch; they are exported and checked against PyTorch (max abs
-      difference 1e-4) on the first load of each VAE and cached (sdvae.onnx.cached_graphs). Tiled calls, GPUs,
+      onnxruntime executes about 1.2x faster than PyTorch eager; they are exported and checked against PyTorch
+      (max abs difference 1e-4) on the first load of each VAE and cached (sdvae.onnx.cached_graphs). Tiled calls, GPUs,
       16-bit dtypes, and installs without the `onnx` extra run PyTorch. A folder of exported graphs runs as
       "onnxruntime".
     - "pytorch": PyTorch only.

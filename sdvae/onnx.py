@@ -5,8 +5,8 @@ are written, and run by onnxruntime behind the calls the codec makes (`load_vae(
 
 `load_vae`'s default CPU path (fp32, backend "auto") runs these graphs too: the first load of a VAE exports them
 into a cache keyed by its weights (`cached_graphs`), where they pass the parity check, and later loads reuse them.
-onnxruntime decodes 1.2-1.4x and encodes 1.4x faster than PyTorch eager on the CPU (eval/results/
-bench_inference_backends_cpu.md).
+At 512x512 onnxruntime decodes 1.17x and encodes 1.25x as fast as our PyTorch path on the CPU (1.37x and 1.42x
+diffusers' eager; eval/results/bench_inference_backends_cpu.md).
 
 encoder.onnx: `image` (B, 3, H, W) in [-1, 1] -> `latent_mean`, `latent_logvar` (a KL VAE, unscaled) or `latents`
 (a tiny student). decoder.onnx: `latents` (unscaled) -> `image`. Both carry the VAE's config in their metadata
