@@ -78,7 +78,9 @@ class VAECodec:
     decode_dtype: torch.dtype | None = None  # the decoder's; fp32 where an fp16 VAE has force_upcast
     tile_size: int = 256  # tiles hold about tile_size^2 pixels of each layer (see sdvae.tiling)
     max_memory: int | None = None  # bytes of activations before tiles spill to disk; default: 60% of what is free
-    graphs: object | None = None  # onnxruntime's graphs of `model` (sdvae.onnx.OnnxVAE), run by the untiled calls
+    # onnxruntime's graphs of `model` (sdvae.onnx.OnnxVAE) as loaded, run by the untiled calls: weights changed in
+    # `model` afterwards need a new load_vae (or backend="pytorch")
+    graphs: object | None = None
 
     @property
     def untiled(self):
