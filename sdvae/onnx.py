@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -143,39 +142,37 @@ def cached_graphs(vae) -> Path | None:
     """The folder of this VAE's graphs in the cache, exported and checked on first use (a one-time cost: 9 s for
     the SD VAE on 2 cores). None where there are none to run, and the caller stays on PyTorch: onnx/onnxruntime
     are not installed, the exporter fails, or the graphs differ from PyTorch by more than PARITY_BOUND (both
-    remembered, so that later loads do not try again), or the cache cannot be written."""
+    remembered, so that later loads do not try again), the cache cannot be written, or another process is
+    exporting into it."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from .files import atomic_write, describe_error
+    from .files import FolderLock, FolderLocked, atomic_write, describe_error, remove_stale_temporaries
 
     root = cache_dir() / "onnx"
     key = weights_key(vae)
     folder, failed = root / key, root / f"{key}.failed"
-    if all((folder / name).is_file() for name in GRAPHS):
+    if is_graph_folder(folder):
         return folder
     if failed.is_file():
         return None
-    print(f"sdvae: exporting this VAE to ONNX once, for the faster CPU path, into {folder} "
-          f"(--backend pytorch skips it)", file=sys.stderr)
-    staging = root / f".{key}.{os.getpid()}"  # one per process: two first loads never share a folder
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        export_onnx(vae, staging)
-    except OSError as e:  # a full disk or a read-only cache: try again next time
-        warnings.warn(f"the ONNX graphs could not be cached in {root} ({describe_error(e)}); running PyTorch")
+        with FolderLock(root, "ONNX export"):
+            remove_stale_temporaries(root)  # what an export killed midway left
+            if not is_graph_folder(folder):  # another process may have written them while we waited
+                print(f"sdvae: exporting this VAE to ONNX once, for the faster CPU path, into {folder} "
+                      f"(--backend pytorch skips it)", file=sys.stderr)
+                export_onnx(vae, folder)
+    except (OSError, FolderLocked) as e:  # a full disk, a read-only cache, a busy one: try again next time
+        warnings.warn(f"running PyTorch: the ONNX graphs could not be cached in {root} ({describe_error(e)})")
         return None
     except Exception as e:  # the exporter or the parity check: the same weights would fail again
         atomic_write(failed, f"{describe_error(e)}\n")
         warnings.warn(f"running PyTorch: this VAE's ONNX export failed ({describe_error(e)}; see {failed})")
         return None
-    try:
-        os.rename(staging, folder)
-    except OSError:  # another process cached the same weights first
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder if all((folder / name).is_file() for name in GRAPHS) else None
+    return folder
 
 
 def is_graph_folder(path) -> bool:

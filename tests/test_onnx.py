@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from sdvae.cli import main
 from sdvae.codec import load_vae
 from sdvae.distill import build_student
+from sdvae.files import FolderLock
 from sdvae.models import build_vae
 from sdvae.onnx import export_onnx
 
@@ -55,6 +56,7 @@ def test_the_default_cpu_path_exports_once_then_runs_cached_graphs(tmp_path, pho
                                                                     capsys):
     monkeypatch.delenv("SDVAE_BACKEND")  # load_vae's own default: auto
     monkeypatch.setenv("SDVAE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "onnx" / ".killed-export.tmp").mkdir(parents=True)  # what a kill midway leaves
     for name, backend in (("pytorch", ["--backend", "pytorch"]), ("default", []), ("cached", [])):
         assert main(["encode", str(photos), "--vae", str(vae_dir), *backend, "--out", str(tmp_path / f"z-{name}")]) == 0
         assert main(["decode", str(tmp_path / f"z-{name}"), "--vae", str(vae_dir), *backend,
@@ -62,7 +64,7 @@ def test_the_default_cpu_path_exports_once_then_runs_cached_graphs(tmp_path, pho
         exports = capsys.readouterr().err.count("exporting this VAE to ONNX once")
         assert exports == {"pytorch": 0, "default": 1, "cached": 0}[name]  # the decode found the encode's graphs
     assert_same_outputs(tmp_path, ["pytorch", "default", "cached"])
-    [cached] = (tmp_path / "cache" / "onnx").iterdir()
+    [cached] = [p for p in (tmp_path / "cache" / "onnx").iterdir() if p.name != ".sdvae.lock"]
     assert sorted(p.name for p in cached.iterdir()) == ["decoder.onnx", "encoder.onnx"]
 
     codec, reference = load_vae(str(vae_dir)), load_vae(str(vae_dir), backend="pytorch")
@@ -84,7 +86,7 @@ def test_the_default_cpu_path_exports_once_then_runs_cached_graphs(tmp_path, pho
 
 
 def test_the_default_path_stays_on_pytorch_where_graphs_are_not_exact_or_cannot_be_cached(tmp_path, vae_dir,
-                                                                                         monkeypatch, capsys):
+                                                                                         monkeypatch):
     import sdvae.onnx
 
     monkeypatch.delenv("SDVAE_BACKEND")
@@ -94,6 +96,11 @@ def test_the_default_path_stays_on_pytorch_where_graphs_are_not_exact_or_cannot_
     monkeypatch.undo()
 
     monkeypatch.delenv("SDVAE_BACKEND")
+    monkeypatch.setenv("SDVAE_CACHE_DIR", str(tmp_path / "busy"))
+    with FolderLock(tmp_path / "busy" / "onnx"), pytest.warns(UserWarning, match="in use by another sdvae"):
+        assert load_vae(str(vae_dir)).graphs is None  # another process is exporting: PyTorch, this time
+    assert load_vae(str(vae_dir)).graphs is not None  # and the next load exports
+
     monkeypatch.setenv("SDVAE_CACHE_DIR", str(tmp_path / "cache"))
     check_parity = sdvae.onnx.check_parity
     monkeypatch.setattr(sdvae.onnx, "check_parity", lambda vae, folder, bound: check_parity(vae, folder, 0.0))
@@ -101,7 +108,8 @@ def test_the_default_path_stays_on_pytorch_where_graphs_are_not_exact_or_cannot_
         codec = load_vae(str(vae_dir))
     assert codec.graphs is None
     [failed] = (tmp_path / "cache" / "onnx").glob("*.failed")  # remembered: the next load does not try again
-    assert not [p for p in (tmp_path / "cache" / "onnx").iterdir() if p != failed]
+    kept = {failed.name, ".sdvae.lock"}
+    assert not [p for p in (tmp_path / "cache" / "onnx").iterdir() if p.name not in kept]
     monkeypatch.setattr(sdvae.onnx, "export_onnx", lambda *a: pytest.fail("exported the same weights again"))
     assert load_vae(str(vae_dir)).graphs is None
     x = torch.rand(1, 3, 32, 32) * 2 - 1
