@@ -174,6 +174,7 @@ class CacheSettings:
     shard_size: int = 1024  # images per shard
     dtype: str = "fp32"  # encoder precision
     device: str | None = None
+    backend: str | None = None  # load_vae's: None is $SDVAE_BACKEND, else auto
     seed: int = 0  # seeds the random crops
     max_pixels: int | None = None
 
@@ -192,7 +193,7 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
     report (also written to out/report.json). `vae` is a path or a loaded `VAECodec` (then `dtype` should name
     its precision: it is part of the key); settings are a CacheSettings or its fields as keywords;
     `on_shard(record)` is called after each shard is written."""
-    from .codec import VAECodec, load_vae
+    from .codec import VAECodec, load_vae, require_weights
 
     s = dataclasses.replace(settings or CacheSettings(), **flags)
     dtype = dtype_name(s.dtype)  # the name, as cache keys have it
@@ -202,7 +203,8 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
     workers = min(4, os.cpu_count() or 1) if s.num_workers is None else s.num_workers
     start = time.time()
     codec = vae if isinstance(vae, VAECodec) else load_vae(
-        vae, s.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
+        vae, s.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype, backend=s.backend)
+    require_weights(codec, "cache-latents")
     keyed = dict(resolution=s.resolution, crop=s.crop, flip=s.flip, buckets=not s.no_buckets, dtype=dtype,
                  seed=s.seed if s.crop == "random" else None, format=FORMAT)
     vae_hash = encoder_hash(codec.model)

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     device.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="VAE precision")
+    device.add_argument("--backend", default=None, choices=["auto", "pytorch", "onnxruntime"],
+                        help="auto (default, or $SDVAE_BACKEND): CPU fp32 runs whole images through ONNX graphs of "
+                             "the VAE, exported and checked once and cached (faster); pytorch: PyTorch only; "
+                             "onnxruntime: run a folder written by `sdvae export --format onnx`")
     images = argparse.ArgumentParser(add_help=False)
     images.add_argument("--max-pixels", type=int, default=None,
                         help=f"images larger than this are skipped (default {MAX_PIXELS:,}); raise it for panoramas")
@@ -160,10 +164,6 @@ def add_encode_and_decode(command, parents) -> None:
                               "default: only when the untiled pass would not fit in memory")
         sub.add_argument("--tile-size", type=int, default=256, help="tiles of about N x N pixels (default 256)")
         sub.add_argument("--compile", action="store_true", help="torch.compile the network (slow first image)")
-        sub.add_argument("--backend", default=None, choices=["auto", "pytorch", "onnxruntime"],
-                         help="auto (default, or $SDVAE_BACKEND): CPU fp32 runs whole images through ONNX graphs "
-                              "of the VAE, exported and checked once and cached (faster); pytorch: PyTorch only; "
-                              "onnxruntime: run a folder written by `sdvae export --format onnx`")
         if name == "encode":
             sub.add_argument("--raw", action="store_true", help="unscaled latents (no scaling/shift factor)")
 

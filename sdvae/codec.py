@@ -274,6 +274,13 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     return VAECodec(model, device, dtype, decode_dtype, tile_size, max_memory, graphs)
 
 
+def require_weights(codec: VAECodec, what: str) -> None:
+    """Caches and probe results are keyed by the PyTorch weights, which a folder of ONNX graphs does not hold."""
+    if not isinstance(codec.model, torch.nn.Module):
+        raise ValueError(f"{what} needs the VAE's weights (a diffusers folder, single file or run), not a folder "
+                         f"of ONNX graphs; the default CPU path runs its own graphs of those weights")
+
+
 def onnxruntime_codec(path, device: torch.device, dtype: torch.dtype, compile: bool, tile_size: int,
                       max_memory: int | None) -> VAECodec:
     from .onnx import OnnxVAE

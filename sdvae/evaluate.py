@@ -148,6 +148,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 8
     device: str | None = None
+    backend: str | None = None  # load_vae's: None is $SDVAE_BACKEND, else auto
     dtype: str = "fp32"
     max_images: int | None = None
     lpips_weights: list[str] | None = None
@@ -184,7 +185,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings |
     codecs = {}
     for name, path in vaes.items():
         try:
-            codecs[name] = load_vae(path, device, dtype)
+            codecs[name] = load_vae(path, device, dtype, backend=s.backend)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"--vae {name}: {e}") from None
     lpips_models, inception, skipped_metrics = load_scorers(s.lpips_weights, s.fid_weights, not s.no_lpips,

@@ -53,6 +53,7 @@ class ProbeSettings:
     val_images: int = 64  # held-out images (from --val-data, or every 10th image of --data)
     mixed_precision: str = "no"  # the denoiser's: no | bf16 | fp16 (GPUs)
     device: str | None = None
+    backend: str | None = None  # load_vae's: None is $SDVAE_BACKEND, else auto
     dtype: str = "fp32"  # the VAEs'
     val_data: str | None = None
     split: str = "train"
@@ -89,7 +90,7 @@ def probe(vaes: dict[str, str], data: str, out: str, settings: ProbeSettings | N
     metrics.json holds. Settings: a ProbeSettings, or its fields as keywords."""
     from accelerate import PartialState
 
-    from .codec import load_vae
+    from .codec import load_vae, require_weights
     from .sources import as_dtype
 
     s = dataclasses.replace(settings or ProbeSettings(), **flags)
@@ -103,7 +104,8 @@ def probe(vaes: dict[str, str], data: str, out: str, settings: ProbeSettings | N
         codecs = {}
         for name, path in vaes.items():
             try:
-                codecs[name] = load_vae(path, device, as_dtype(s.dtype))
+                codecs[name] = load_vae(path, device, as_dtype(s.dtype), backend=s.backend)
+                require_weights(codecs[name], "probe")
             except (FileNotFoundError, ValueError) as e:
                 raise type(e)(f"--vae {name}: {e}") from None
         heldout = load_heldout(heldout_sources, s)
@@ -287,7 +289,7 @@ def result_key(model, train_data: dict, heldout: dict, s: ProbeSettings) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("device", "num_workers", "fid_weights",
+    fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("device", "backend", "num_workers", "fid_weights",
                                                                           "no_download", "checkpoint_every")}
     digest.update(json.dumps(dict(fields, format=FORMAT, data=str(train_data["data"]), heldout=heldout["names"]),
                              sort_keys=True).encode())

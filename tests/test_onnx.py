@@ -149,3 +149,17 @@ def test_a_failed_parity_check_writes_nothing_and_bad_folders_are_named(tmp_path
     assert "encoder.onnx" in capsys.readouterr().err
     assert main(["export", str(vae_dir), "--format", "onnx", "--dtype", "fp16", "--out", str(tmp_path / "x")]) == 2
     assert "fp32" in capsys.readouterr().err
+
+
+def test_eval_takes_the_backend_and_caches_refuse_graph_folders(tmp_path, photos, vae_dir, capsys):
+    graphs = tmp_path / "onnx"
+    assert main(["export", str(vae_dir), "--format", "onnx", "--out", str(graphs)]) == 0
+    assert main(["eval", "--vae", f"weights={vae_dir}", "--vae", f"graphs={graphs}", "--backend", "auto",
+                 "--data", str(photos), "--out", str(tmp_path / "eval"), "--resolution", "64", "--no-lpips",
+                 "--no-fid"]) == 0
+    scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["vaes"]
+    assert scores["graphs"]["psnr_mean"] == pytest.approx(scores["weights"]["psnr_mean"], abs=1e-3)
+    capsys.readouterr()
+    assert main(["cache-latents", "--vae", str(graphs), "--backend", "auto", "--data", str(photos), "--out",
+                 str(tmp_path / "cache"), "--resolution", "64", "--num-workers", "0"]) == 2
+    assert "needs the VAE's weights" in capsys.readouterr().err
