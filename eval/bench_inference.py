@@ -252,6 +252,9 @@ def memory_rows(folder, device, sizes, modes, tile_size, untiled_up_to, max_memo
 def markdown(rows, memory, meta, quality=()) -> str:
     lines = [f"# Inference benchmark: {meta['device']}", "",
              f"torch {meta['torch']}, diffusers {meta['diffusers']}; `{meta['command']}`", "",
+             "ours = `sdvae.load_vae`'s default: on the CPU in fp32, onnxruntime on the ONNX graphs of the weights "
+             "that it exports and caches (with the `onnx` extra); otherwise channels-last PyTorch. Tiled rows run "
+             "PyTorch.", "",
              "| | size | batch | dtype | diffusers img/s | ours img/s | ours / diffusers | max abs diff | "
              "ours tiled img/s | tiled / diffusers | tiled max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
