@@ -117,8 +117,10 @@ def add_convert_and_export(command, parents) -> None:
     export = command("export", run_export,
                      help="export a run's (or any) VAE as a diffusers folder, a single file or ONNX graphs")
     export.add_argument("source", help="run folder, diffusers folder or single file")
-    export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file", "onnx"],
-                        help="onnx: encoder.onnx and decoder.onnx, checked against PyTorch with onnxruntime")
+    export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file", "taesd", "onnx"],
+                        help="single-file: the LDM layout UIs load (KL VAEs); taesd: a tiny student as TAESD's "
+                             "taesd_encoder/decoder.safetensors (ComfyUI's vae_approx previews); onnx: encoder.onnx "
+                             "and decoder.onnx, checked against PyTorch with onnxruntime")
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     export.add_argument("--no-fp16-check", action="store_true",
@@ -312,12 +314,16 @@ def run_convert(args) -> int:
 
 def run_export(args) -> int:
     from .sources import load_pretrained_vae
-    from .export import assert_finite, fp16_check, save_diffusers, save_single_file
+    from .export import assert_finite, fp16_check, save_diffusers, save_single_file, save_taesd
 
     vae = load_pretrained_vae(args.source)
     assert_finite(vae.state_dict(), args.source)  # before the fp16 check, which would blame fp16 for NaN weights
     if args.format == "onnx":
         return run_onnx_export(vae, args)
+    if args.format == "taesd":  # a student: no fp16 check, as TAESD runs in fp16 without one
+        print(f"taesd: {save_taesd(vae, args.out, args.dtype, source=args.source)} (taesd_encoder.safetensors, "
+              f"taesd_decoder.safetensors)")
+        return 0
     check = None if args.no_fp16_check else fp16_check(vae)
     if check:
         print(f"fp16 decode check on {check['images']} photos at {check['size']} px: max difference "

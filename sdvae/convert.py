@@ -1,5 +1,5 @@
 """The two key layouts of a KL-f8 VAE (the original LDM one that single-file loaders read, and diffusers') and the
-`sdvae convert` command between them."""
+`sdvae convert` command between them; and TAESD's own two files for a tiny student."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,6 +59,34 @@ def ldm_to_diffusers(state: dict) -> dict:
 def diffusers_to_ldm(state: dict) -> dict:
     """diffusers AutoencoderKL keys -> the original LDM layout that single-file loaders read."""
     return _convert(state, to_diffusers=False)
+
+
+# madebyollin/taesd's files (taesd_encoder / taesd_decoder .safetensors: what ComfyUI reads from models/vae_approx
+# for previews) hold AutoencoderTiny's `encoder.layers` and `decoder.layers` as bare nn.Sequential indices; the
+# decoder's are one higher, after the parameterless clamp that diffusers applies outside `layers`.
+TAESD_PARTS = {"encoder": ("encoder.layers.", 0), "decoder": ("decoder.layers.", 1)}
+
+
+def tiny_to_taesd(state: dict) -> dict[str, dict]:
+    """AutoencoderTiny keys -> {"encoder": ..., "decoder": ...} in TAESD's layout."""
+    parts = {part: {} for part in TAESD_PARTS}
+    for key, value in state.items():
+        part = key.split(".")[0]
+        prefix, offset = TAESD_PARTS[part]
+        index, rest = key[len(prefix):].split(".", 1)
+        parts[part][f"{int(index) + offset}.{rest}"] = value
+    return parts
+
+
+def taesd_to_tiny(encoder: dict, decoder: dict) -> dict:
+    """TAESD's two state dicts -> AutoencoderTiny keys."""
+    state = {}
+    for part, tensors in (("encoder", encoder), ("decoder", decoder)):
+        prefix, offset = TAESD_PARTS[part]
+        for key, value in tensors.items():
+            index, rest = key.split(".", 1)
+            state[f"{prefix}{int(index) - offset}.{rest}"] = value
+    return state
 
 
 def modernise_diffusers_keys(state: dict) -> dict:

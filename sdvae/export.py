@@ -1,4 +1,5 @@
-"""Writing VAEs for the tools that load them: diffusers folders, and the LDM single file UIs read."""
+"""Writing VAEs for the tools that load them: diffusers folders, the LDM single file UIs read, and TAESD's two
+files for a tiny student."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from .convert import diffusers_to_ldm
+from .convert import diffusers_to_ldm, tiny_to_taesd
 from .models import latent_mode
 from .sources import as_dtype
 from .files import atomic_folder, atomic_write
@@ -66,7 +67,7 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
         raise IsADirectoryError(f"{path} is a folder; the single file needs a file name (e.g. {path / 'vae.safetensors'})")
     if type(vae).__name__ != "AutoencoderKL":
         raise ValueError(f"the single-file layout is the LDM KL VAE's; {source or 'this'} is a {type(vae).__name__}: "
-                         f"export it as a diffusers folder (or --format onnx)")
+                         f"export it as a diffusers folder, --format taesd (the files UIs load) or --format onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     assert_finite(vae.state_dict(), f"{source or 'the VAE'}")
     state = {k: v.detach().to(as_dtype(dtype)).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
@@ -99,4 +100,25 @@ def save_diffusers(vae, folder: str | Path, dtype: str = "fp32", fp16: dict | No
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(folder) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
+    return Path(folder)
+
+
+def save_taesd(vae, folder: str | Path, dtype: str = "fp32", source: str = "") -> Path:
+    """A tiny student as TAESD's own files, taesd_encoder.safetensors and taesd_decoder.safetensors (ComfyUI's
+    models/vae_approx previews; the diffusers folder is what pipelines load), written whole or not at all. They
+    carry the student's config, so that sdvae loads the folder back as it was."""
+    if type(vae).__name__ != "AutoencoderTiny":
+        raise ValueError(f"TAESD's files hold a tiny student (AutoencoderTiny); {source or 'this'} is a "
+                         f"{type(vae).__name__}: use --format single-file")
+    if Path(folder).is_file():
+        raise FileExistsError(f"{folder} is a file; the TAESD export is a folder of two files")
+    assert_finite(vae.state_dict(), f"{source or 'the VAE'}")
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
+    metadata = {"format": "pt", "sdvae.config": json.dumps({"_class_name": "AutoencoderTiny", **config}),
+                "sdvae.source": str(source), "sdvae.dtype": dtype}
+    parts = tiny_to_taesd({k: v.detach().to(as_dtype(dtype)).contiguous().cpu() for k, v in vae.state_dict().items()})
+    Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(folder) as tmp:
+        for part, state in parts.items():
+            (tmp / f"taesd_{part}.safetensors").write_bytes(save(state, metadata=metadata))
     return Path(folder)

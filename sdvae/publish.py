@@ -17,7 +17,7 @@ PICTURES = {"reconstructions.png": "held-out inputs (top) and reconstructions", 
 
 def stage(run: str | Path, repo_id: str, out: str | Path, license: str = "apache-2.0") -> Path:
     """Write the folder `publish` would upload into `out` (whole or not at all) and return it."""
-    from .export import save_diffusers, save_single_file
+    from .export import save_diffusers, save_single_file, save_taesd
     from .files import atomic_folder
     from .models import is_tiny
     from .sources import load_pretrained_vae
@@ -32,9 +32,12 @@ def stage(run: str | Path, repo_id: str, out: str | Path, license: str = "apache
     kl = not is_tiny(vae)
     with atomic_folder(out) as tmp:
         save_diffusers(vae, tmp / "diffusers")
-        for f in (tmp / "diffusers").iterdir():
-            f.rename(tmp / f.name)
-        (tmp / "diffusers").rmdir()
+        if not kl:  # TAESD's own files beside the diffusers ones, as madebyollin/taesd has them
+            save_taesd(vae, tmp / "taesd", source=str(run))
+        for part in ["diffusers"] if kl else ["diffusers", "taesd"]:
+            for f in (tmp / part).iterdir():
+                f.rename(tmp / f.name)
+            (tmp / part).rmdir()
         if kl:
             save_single_file(vae, tmp / f"{name}.safetensors", source=str(run))
         shown = []
@@ -72,6 +75,10 @@ def model_card(vae, run: Path, repo_id: str, name: str, license: str, shown: lis
     if kind == "AutoencoderKL":
         lines += [f"ComfyUI: put `{name}.safetensors` in `models/vae/`; AUTOMATIC1111 / Forge: in `models/VAE/`, then "
                   f"choose it as the SD VAE. It is the original LDM layout, loaded strictly.", ""]
+    else:
+        lines += ["ComfyUI live previews: put `taesd_decoder.safetensors` (and `taesd_encoder.safetensors`) in "
+                  "`models/vae_approx/`, named for the teacher's family (`taesd_`, `taesdxl_`, `taesd3_`, `taef1_`). "
+                  "They are TAESD's own layout.", ""]
     lines += results(run, metrics, shown)
     if config:
         lines += ["## Training configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", ""]

@@ -3,6 +3,7 @@ ids. Every command and `load_vae` load through `load_pretrained_vae`; bad files 
 error naming the file and what is wrong, never a failure deep inside torch."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import pickle
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .convert import is_ldm_layout, ldm_to_diffusers, modernise_diffusers_keys
+from .convert import is_ldm_layout, ldm_to_diffusers, modernise_diffusers_keys, taesd_to_tiny
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LDM_PREFIXES = ("first_stage_model.", "vae.")  # whole SD checkpoints / some trainers
@@ -145,7 +146,7 @@ def load_strict(vae, state: dict, source) -> None:
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or mismatched:
-        raise ValueError(f"{source}: weights do not fit the AutoencoderKL read from it: missing {missing[:20]}, "
+        raise ValueError(f"{source}: weights do not fit the {type(vae).__name__} read from it: missing {missing[:20]}, "
                          f"unexpected {unexpected[:20]}, mismatched shapes {mismatched[:20]}")
     vae.load_state_dict(state)
 
@@ -170,7 +171,10 @@ def load_pretrained_vae(source: str):
             from .checkpoints import load_checkpoint_vae
 
             return load_checkpoint_vae(path)
-        raise FileNotFoundError(f"{path} has no config.json (nor vae/config.json)")
+        if taesd_pair(path):
+            return load_taesd(path)
+        raise FileNotFoundError(f"{path} has no config.json (nor vae/config.json, nor TAESD's *_encoder.safetensors "
+                                f"and *_decoder.safetensors)")
     if path.suffix in SINGLE_FILE_SUFFIXES or source.startswith((".", "/")):
         raise FileNotFoundError(f"file not found: {source}")
     parts = source.split("/")
@@ -191,6 +195,40 @@ def load_folder(folder: Path):
         return vae_class(config).from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{folder}: its weights cannot be loaded ({str(e).splitlines()[0]})") from None
+
+
+def taesd_pair(folder: Path) -> tuple[Path, Path] | None:
+    """The one NAME_encoder.safetensors / NAME_decoder.safetensors pair in `folder` (taesd, taesdxl, taesd3, taef1
+    or an sdvae export), or None."""
+    encoders = sorted(folder.glob("*_encoder.safetensors"))
+    pairs = [(e, e.with_name(e.name.replace("_encoder.", "_decoder."))) for e in encoders]
+    pairs = [pair for pair in pairs if pair[1].is_file()]
+    if len(pairs) > 1:
+        names = ", ".join(e.name for e, _ in pairs)
+        raise ValueError(f"{folder} holds {len(pairs)} TAESD encoder/decoder pairs ({names}); give a folder with one")
+    return pairs[0] if pairs else None
+
+
+def load_taesd(folder: Path):
+    """A tiny autoencoder from TAESD's two files: the config sdvae wrote into them, else TAESD's own layout (its
+    width and latent channels read from the weights' shapes), scaling factor 1 as TAESD decodes scaled latents."""
+    from diffusers import AutoencoderTiny
+
+    paths = taesd_pair(folder)
+    encoder, decoder = (read_state_dict(p) for p in paths)
+    config = json.loads(safetensors_header(paths[0]).get("__metadata__", {}).get("sdvae.config", "{}"))
+    if not config:
+        if "0.weight" not in encoder or "1.weight" not in decoder:
+            raise ValueError(f"{paths[0].parent}: {paths[0].name} / {paths[1].name} are not TAESD's layout (no "
+                             f"0.weight / 1.weight)")
+        config = dict(encoder_block_out_channels=[encoder["0.weight"].shape[0]] * 4,
+                      decoder_block_out_channels=[decoder["1.weight"].shape[0]] * 4,
+                      latent_channels=decoder["1.weight"].shape[1], scaling_factor=1.0, shift_factor=0.0)
+    config = check_config({**config, "_class_name": "AutoencoderTiny"}, paths[0])
+    accepted = inspect.signature(AutoencoderTiny.__init__).parameters  # diffusers' config adds block_out_channels
+    vae = AutoencoderTiny(**{k: v for k, v in config.items() if k in accepted})
+    load_strict(vae, taesd_to_tiny(encoder, decoder), folder)
+    return vae
 
 
 def vae_class(config: dict):

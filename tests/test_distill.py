@@ -140,3 +140,41 @@ def test_distillation_settings_are_checked(overrides, message):
 def test_a_missing_teacher_is_named(tmp_path, photos):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train(distill_config(tmp_path, photos, tmp_path / "nowhere"))
+
+
+def test_a_student_exports_as_taesds_own_files_and_they_load_back(tmp_path, vae_dir, capsys):
+    from safetensors.torch import save_file
+
+    from sdvae.models import build_vae
+
+    torch.manual_seed(0)
+    student = build_student("taesd", build_vae("tiny")).eval()
+    student.save_pretrained(tmp_path / "student")
+    assert main(["export", str(tmp_path / "student"), "--format", "taesd", "--out", str(tmp_path / "taesd")]) == 0
+    encoder, decoder = (load_file(tmp_path / "taesd" / f"taesd_{part}.safetensors") for part in ("encoder", "decoder"))
+    # TAESD's nn.Sequential indices: the encoder's convs run 0..14, RGB in at 0 and latents out at 14; the decoder's
+    # 1..19 (0 is its parameterless clamp), latents in at 1, RGB out at 19; no diffusers prefixes
+    assert encoder["0.weight"].shape == (64, 3, 3, 3) and encoder["14.weight"].shape == (4, 64, 3, 3)
+    assert decoder["1.weight"].shape == (64, 4, 3, 3) and decoder["19.weight"].shape == (3, 64, 3, 3)
+    assert max(int(k.split(".")[0]) for k in encoder) == 14 and min(int(k.split(".")[0]) for k in decoder) == 1
+    assert max(int(k.split(".")[0]) for k in decoder) == 19
+
+    plain = tmp_path / "plain"  # madebyollin's files carry no config: read from the shapes
+    plain.mkdir()
+    for part, state in (("encoder", encoder), ("decoder", decoder)):
+        save_file(state, plain / f"taef1_{part}.safetensors")
+    x = torch.rand(2, 3, 48, 64) * 2 - 1
+    with torch.no_grad():
+        z = student.encode(x).latents
+        for folder in (tmp_path / "taesd", plain):
+            back = load_pretrained_vae(str(folder))
+            assert isinstance(back, AutoencoderTiny) and back.config.scaling_factor == 1.0
+            assert torch.equal(back.encode(x).latents, z)
+            assert torch.equal(back.decode(z).sample, student.decode(z).sample)
+
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "student"), "--format", "single-file", "--out",
+                 str(tmp_path / "s.safetensors")]) == 2
+    assert "--format taesd" in capsys.readouterr().err
+    assert main(["export", str(vae_dir), "--format", "taesd", "--out", str(tmp_path / "kl")]) == 2
+    assert "tiny student" in capsys.readouterr().err and not (tmp_path / "kl").exists()

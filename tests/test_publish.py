@@ -52,7 +52,7 @@ def test_a_dry_run_stages_a_card_and_files_that_load(tmp_path, capsys):
     assert same_weights(single, vae) and single.config.scaling_factor == 0.61
 
 
-def test_a_student_is_published_without_a_single_file(tmp_path, capsys):
+def test_a_student_is_published_with_taesds_files_instead_of_a_single_file(tmp_path, capsys):
     torch.manual_seed(0)
     student = build_student("taesd-16", build_vae("tiny"))
     run = fake_run(tmp_path / "run", student, model="taesd-16", teacher="runs/teacher")
@@ -61,6 +61,12 @@ def test_a_student_is_published_without_a_single_file(tmp_path, capsys):
     assert "AutoencoderTiny" in card.data.tags and "runs/teacher" in card.text
     assert not list((tmp_path / "s").glob("preview.safetensors"))
     assert same_weights(AutoencoderTiny.from_pretrained(tmp_path / "s"), student)
+    assert "models/vae_approx" in card.text
+    taesd = tmp_path / "taesd"  # TAESD's own files, staged beside the diffusers ones
+    taesd.mkdir()
+    for part in ("encoder", "decoder"):
+        (tmp_path / "s" / f"taesd_{part}.safetensors").rename(taesd / f"taesd_{part}.safetensors")
+    assert same_weights(load_pretrained_vae(str(taesd)), student)
 
 
 def test_a_failed_upload_keeps_the_staged_folder_and_says_so(tmp_path, capsys, monkeypatch, vae_dir):
