@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -13,6 +15,7 @@ from sdvae.models import build_vae
 # VAE would add minutes. Nothing is cached outside temporary folders. Subprocesses inherit both.
 os.environ["SDVAE_BACKEND"] = "pytorch"
 os.environ["SDVAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdvae-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SDVAE_CACHE_DIR"], ignore_errors=True)
 
 REAL_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle")
 
