@@ -43,6 +43,11 @@ def assert_finite(tensors: dict, what: str) -> None:
             raise ValueError(f"{what}: tensor {name} holds non-finite values (NaN or inf); nothing written")
 
 
+def plain_config(vae) -> dict:
+    """The VAE's config as JSON holds it (lists, no private keys), for the metadata of the files we write."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
+
+
 def check_images(resolution: int = 128) -> torch.Tensor:
     """Two real photos (scikit-image's), centre-cropped."""
     from PIL import Image
@@ -71,7 +76,7 @@ def save_single_file(vae, path: str | Path, dtype: str = "fp32", source: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     assert_finite(vae.state_dict(), f"{source or 'the VAE'}")
     state = {k: v.detach().to(as_dtype(dtype)).contiguous().cpu() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
-    architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
+    architecture = plain_config(vae)
     if fp16 is not None:  # what the check measured, as in save_diffusers; loaders read it from the architecture
         architecture["force_upcast"] = fp16["force_upcast"]
     metadata = {
@@ -113,8 +118,7 @@ def save_taesd(vae, folder: str | Path, dtype: str = "fp32", source: str = "") -
     if Path(folder).is_file():
         raise FileExistsError(f"{folder} is a file; the TAESD export is a folder of two files")
     assert_finite(vae.state_dict(), f"{source or 'the VAE'}")
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
-    metadata = {"format": "pt", "sdvae.config": json.dumps({"_class_name": "AutoencoderTiny", **config}),
+    metadata = {"format": "pt", "sdvae.config": json.dumps({"_class_name": "AutoencoderTiny", **plain_config(vae)}),
                 "sdvae.source": str(source), "sdvae.dtype": dtype}
     parts = tiny_to_taesd({k: v.detach().to(as_dtype(dtype)).contiguous().cpu() for k, v in vae.state_dict().items()})
     Path(folder).parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ class _Decoder(torch.nn.Module):
 def export_onnx(vae, folder: str | Path, bound: float = PARITY_BOUND) -> dict:
     """Write encoder.onnx and decoder.onnx into `folder` (whole or not at all), after checking both against the
     PyTorch model with onnxruntime at two batch sizes and image sizes; returns the differences measured."""
-    from .export import assert_finite, check_images
+    from .export import assert_finite, check_images, plain_config
     from .files import atomic_folder
 
     if Path(folder).is_file():
@@ -62,8 +62,7 @@ def export_onnx(vae, folder: str | Path, bound: float = PARITY_BOUND) -> dict:
     vae = vae.float().eval()
     assert_finite(vae.state_dict(), f"the VAE for {folder}")
     tiny = is_tiny(vae)
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
-    metadata = {"sdvae.config": json.dumps({"_class_name": type(vae).__name__, **config}),
+    metadata = {"sdvae.config": json.dumps({"_class_name": type(vae).__name__, **plain_config(vae)}),
                 "scaling_factor": str(vae.config.scaling_factor),
                 "shift_factor": str(vae.config.get("shift_factor") or 0.0)}
     images = check_images(64)

@@ -289,8 +289,8 @@ def result_key(model, train_data: dict, heldout: dict, s: ProbeSettings) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("device", "backend", "num_workers", "fid_weights",
-                                                                          "no_download", "checkpoint_every")}
+    unscored = ("device", "backend", "num_workers", "fid_weights", "no_download", "checkpoint_every")
+    fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in unscored}
     digest.update(json.dumps(dict(fields, format=FORMAT, data=str(train_data["data"]), heldout=heldout["names"]),
                              sort_keys=True).encode())
     return digest.hexdigest()

@@ -31,15 +31,11 @@ def stage(run: str | Path, repo_id: str, out: str | Path, license: str = "apache
     name = repo_id.split("/")[1]
     kl = not is_tiny(vae)
     with atomic_folder(out) as tmp:
-        save_diffusers(vae, tmp / "diffusers")
-        if not kl:  # TAESD's own files beside the diffusers ones, as madebyollin/taesd has them
-            save_taesd(vae, tmp / "taesd", source=str(run))
-        for part in ["diffusers"] if kl else ["diffusers", "taesd"]:
-            for f in (tmp / part).iterdir():
-                f.rename(tmp / f.name)
-            (tmp / part).rmdir()
+        move_up(save_diffusers(vae, tmp / "diffusers"))
         if kl:
             save_single_file(vae, tmp / f"{name}.safetensors", source=str(run))
+        else:  # TAESD's own files beside the diffusers ones, as madebyollin/taesd has them
+            move_up(save_taesd(vae, tmp / "taesd", source=str(run)))
         shown = []
         for picture in PICTURES:
             if (run / picture).is_file():
@@ -47,6 +43,13 @@ def stage(run: str | Path, repo_id: str, out: str | Path, license: str = "apache
                 shown.append(picture)
         (tmp / "README.md").write_text(model_card(vae, run, repo_id, name, license, shown))
     return Path(out)
+
+
+def move_up(folder: Path) -> None:
+    """The files of `folder` into its parent (the exporters write whole folders; the repo has them at its top)."""
+    for f in folder.iterdir():
+        f.rename(folder.parent / f.name)
+    folder.rmdir()
 
 
 def model_card(vae, run: Path, repo_id: str, name: str, license: str, shown: list) -> str:
