@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from .data import list_images, open_image, seed_for
 from .sources import dtype_name
-from .config import check_at_least
-from .files import FolderLock, atomic_write, describe_error
+from .config import SEEDS, at_least, check_ranges
+from .files import FolderLock, atomic_write, describe_error, prepare_output_folder, refuse_foreign_output
 from .images import pixels_to_tensor
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,11 @@ def _check_shard(root: Path, shard: dict) -> str | None:
 
 # ---- building ----------------------------------------------------------------------------------------------
 
+# every numeric setting's values (each also finite; None passes where the field allows it): see check_ranges
+CACHE_RANGES = dict(resolution=at_least(8), batch_size=at_least(1), num_workers=at_least(0), shard_size=at_least(1),
+                    seed=SEEDS, max_pixels=at_least(1))
+
+
 @dataclass
 class CacheSettings:
     """`sdvae cache-latents`' settings; the fields are its flags (`--no-buckets` is no_buckets)."""
@@ -177,9 +182,10 @@ class CacheSettings:
     backend: str | None = None  # load_vae's: None is $SDVAE_BACKEND, else auto
     seed: int = 0  # seeds the random crops
     max_pixels: int | None = None
+    overwrite: bool = False  # write into an --out that holds files sdvae did not write
 
     def __post_init__(self):
-        check_at_least(self, resolution=8, batch_size=1, num_workers=0, shard_size=1, max_pixels=1)
+        check_ranges(self, CACHE_RANGES)
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
         if self.crop not in ("center", "random"):
@@ -200,11 +206,14 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
     sizes = bucket_sizes(s.resolution, not s.no_buckets)
     data, out = Path(data), Path(out)
     files = list_images(data)  # FileNotFoundError / ValueError (no images) before any model is loaded
+    overwrite = s.overwrite or earlier_cache(out)
+    refuse_foreign_output(out, overwrite, whole=False)  # before the VAE loads; the folder is made once it has
     workers = min(4, os.cpu_count() or 1) if s.num_workers is None else s.num_workers
     start = time.time()
     codec = vae if isinstance(vae, VAECodec) else load_vae(
         vae, s.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype, backend=s.backend)
     require_weights(codec, "cache-latents")
+    prepare_output_folder(out, "cache-latents", overwrite)
     keyed = dict(resolution=s.resolution, crop=s.crop, flip=s.flip, buckets=not s.no_buckets, dtype=dtype,
                  seed=s.seed if s.crop == "random" else None, format=FORMAT)
     vae_hash = encoder_hash(codec.model)
@@ -236,6 +245,14 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
                       vae_hash=vae_hash, skipped_files=skipped)
         atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
         return report
+
+
+def earlier_cache(out: Path) -> bool:
+    """A cache written before sdvae recorded its outputs: its index.json (re-runs reuse what it lists)."""
+    try:
+        return {"shards", "vae_hash"} <= set(json.loads((out / "index.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _encode_into_shards(codec, loader, todo: dict, keys: list, writer, s: CacheSettings, bar) -> tuple[int, list]:

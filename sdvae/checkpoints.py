@@ -184,7 +184,7 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, vae, e
 
 
 def _finish(accelerator, final: Path, tmp: Path, state: TrainState, vae, ema, trained_names) -> None:
-    from .export import assert_finite
+    from .sources import assert_finite
 
     assert_finite(vae.state_dict(), f"the weights of {final.name}")
     values = state.to_dict()
@@ -222,7 +222,7 @@ def has_discriminator(checkpoint: Path) -> bool:
 def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
     """The VAE of a run folder's newest verified checkpoint (its EMA weights when the run exports EMA): what
     `vae/` would hold, for a run that was interrupted before its export."""
-    from .sources import check_config, load_strict, read_config_json, vae_class
+    from .sources import check_config, load_strict, read_config_json, read_state_dict, vae_class
 
     try:
         checkpoint = find_checkpoint(run, "latest")
@@ -235,13 +235,13 @@ def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
                                 f"resume the run to let it export")
     config = check_config(read_config_json(config_file), config_file)
     vae = vae_class(config).from_config(config)
-    weights = load_file(str(checkpoint / "model.safetensors"))
+    weights = read_state_dict(checkpoint / "model.safetensors")
     load_strict(vae, {k[4:]: v for k, v in weights.items() if k.startswith("vae.")}, checkpoint / "model.safetensors")
     if use_ema is None:
         config = _run_config(run)
         use_ema = config.get("export_ema", True) and (checkpoint / "ema.safetensors").is_file()
     if use_ema:
-        ema = load_file(str(checkpoint / "ema.safetensors"))
+        ema = read_state_dict(checkpoint / "ema.safetensors")
         parameters = dict(vae.named_parameters())
         with torch.no_grad():
             for name, tensor in ema.items():

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from .config import field_names, load_config, parse_overrides, read_config_file
@@ -15,8 +16,12 @@ from .images import MAX_PIXELS
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print escaped (\xe9), never fail
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint messages break the progress bar
+    shown, warnings.showwarning = warnings.showwarning, one_line_warnings(args.command)
     try:
         check_flags(args)
         return args.run(args) or 0
@@ -32,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdvae {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
+
+
+def one_line_warnings(command: str):
+    """Warnings as `sdvae COMMAND: warning: ...`, one line each, without Python's file, line and source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"sdvae {command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+    return show
 
 
 def describe(error: Exception) -> str:
@@ -71,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto (default, or $SDVAE_BACKEND): CPU fp32 runs whole images through ONNX graphs of "
                              "the VAE, exported and checked once and cached (faster); pytorch: PyTorch only; "
                              "onnxruntime: run a folder written by `sdvae export --format onnx`")
+    overwrite = argparse.ArgumentParser(add_help=False)
+    overwrite.add_argument("--overwrite", action="store_true",
+                           help="replace an existing output that sdvae did not write (by default it is refused; "
+                                "outputs sdvae wrote itself are replaced atomically)")
     images = argparse.ArgumentParser(add_help=False)
     images.add_argument("--max-pixels", type=int, default=None,
                         help=f"images larger than this are skipped (default {MAX_PIXELS:,}); raise it for panoramas")
@@ -86,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval, add_probe,
                 add_publish):
-        add(command, (vae, device, images))
+        add(command, (vae, device, images, overwrite))
     return parser
 
 
 def add_train(command, parents) -> None:
     """sdvae train: settings from --config and key=value overrides."""
-    vae, device, images = parents
+    vae, device, images, overwrite = parents
     train = command("train", run_train,
                     help="train or fine-tune a VAE (no data given: a ~3 minute CPU demo on built-in photos)",
                     description="Train a VAE. Settings come from --config FILE, then key=value overrides. "
@@ -104,8 +122,8 @@ def add_train(command, parents) -> None:
 
 def add_convert_and_export(command, parents) -> None:
     """sdvae convert / export: VAEs between layouts and formats."""
-    vae, device, images = parents
-    convert = command("convert", run_convert,
+    vae, device, images, overwrite = parents
+    convert = command("convert", run_convert, [overwrite],
                       help="convert a VAE between the diffusers and the original LDM layout (detects the input's)",
                       description="LDM single file (.safetensors, or .ckpt/.pt read with weights_only=True; whole "
                                   "SD/SDXL checkpoints too) -> diffusers folder; diffusers folder or state dict -> LDM "
@@ -114,13 +132,14 @@ def add_convert_and_export(command, parents) -> None:
     convert.add_argument("out")
     convert.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
 
-    export = command("export", run_export,
+    export = command("export", run_export, [overwrite],
                      help="export a run's (or any) VAE as a diffusers folder, a single file or ONNX graphs")
     export.add_argument("source", help="run folder, diffusers folder or single file")
     export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file", "taesd", "onnx"],
-                        help="single-file: the LDM layout UIs load (KL VAEs); taesd: a tiny student as TAESD's "
-                             "taesd_encoder/decoder.safetensors (ComfyUI's vae_approx previews); onnx: encoder.onnx "
-                             "and decoder.onnx, checked against PyTorch with onnxruntime")
+                        help="single-file: the LDM layout (ComfyUI/A1111 load the SD architecture's); taesd: a "
+                             "tiny student as TAESD's taesd_encoder/decoder.safetensors (ComfyUI's vae_approx "
+                             "previews); onnx: vae_encoder/model.onnx and vae_decoder/model.onnx (the layout of "
+                             "diffusers' and optimum's ONNX pipelines), checked against PyTorch with onnxruntime")
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     export.add_argument("--no-fp16-check", action="store_true",
@@ -129,8 +148,10 @@ def add_convert_and_export(command, parents) -> None:
 
 def add_publish(command, parents) -> None:
     """sdvae publish: a model card, the diffusers files and the single file, uploaded to the Hugging Face hub."""
-    publish = command("publish", run_publish, help="stage a run as a Hugging Face model repo (model card, diffusers "
-                                                   "files, single file) and upload it")
+    vae, device, images, overwrite = parents
+    publish = command("publish", run_publish, [overwrite],
+                      help="stage a run as a Hugging Face model repo (model card, diffusers files, single file) and "
+                           "upload it")
     publish.add_argument("source", metavar="RUN", help="run folder (or any VAE sdvae loads)")
     publish.add_argument("--repo-id", required=True, help="owner/name on the Hugging Face hub")
     publish.add_argument("--private", action="store_true")
@@ -141,7 +162,7 @@ def add_publish(command, parents) -> None:
 
 def add_stats(command, parents) -> None:
     """sdvae stats: latent mean and std, scaling and shift factors."""
-    vae, device, images = parents
+    vae, device, images, overwrite = parents
     stats = command("stats", run_stats, [vae, images],
                     help="measure latent mean/std on a dataset; propose scaling/shift factors")
     stats.add_argument("--data", required=True, help="image folder or Hugging Face dataset")
@@ -155,10 +176,10 @@ def add_stats(command, parents) -> None:
 
 def add_encode_and_decode(command, parents) -> None:
     """sdvae encode / decode: images <-> latent files."""
-    vae, device, images = parents
+    vae, device, images, overwrite = parents
     for name, helptext in (("encode", "images (files or folders) -> latent files, one .safetensors per image"),
                            ("decode", "latent files written by `sdvae encode` -> PNG images at their original size")):
-        sub = command(name, run_codec, [vae, device] + ([images] if name == "encode" else []), help=helptext)
+        sub = command(name, run_codec, [vae, device, overwrite] + ([images] if name == "encode" else []), help=helptext)
         sub.add_argument("inputs", nargs="+")
         sub.add_argument("--out", required=True)
         sub.add_argument("--tiled", action=argparse.BooleanOptionalAction, default=None,
@@ -172,8 +193,8 @@ def add_encode_and_decode(command, parents) -> None:
 
 def add_cache(command, parents) -> None:
     """sdvae cache-latents: a resumable latent cache."""
-    vae, device, images = parents
-    cache = command("cache-latents", run_cache, [vae, device, images],
+    vae, device, images, overwrite = parents
+    cache = command("cache-latents", run_cache, [vae, device, images, overwrite],
                     help="encode an image folder once into a resumable latent cache for diffusion training",
                     description="Resize and crop each image to an aspect-ratio bucket and store the VAE posterior's "
                                 "mean and std (unscaled) in safetensors shards with an index; re-running reuses what "
@@ -193,8 +214,8 @@ def add_cache(command, parents) -> None:
 
 def add_eval(command, parents) -> None:
     """sdvae eval: reconstruction metrics of VAEs side by side."""
-    vae, device, images = parents
-    ev = command("eval", run_eval, [device, images],
+    vae, device, images, overwrite = parents
+    ev = command("eval", run_eval, [device, images, overwrite],
                  help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) of one or more VAEs side by side",
                  description="Score VAEs on the same images with the protocol of the published tables "
                              "(sd-vae-ft-mse's model card): shorter side resized to --resolution, centre crop, "
@@ -228,8 +249,8 @@ def add_eval(command, parents) -> None:
 
 def add_probe(command, parents) -> None:
     """sdvae probe: how well a diffusion model learns each VAE's latents."""
-    vae, device, images = parents
-    pr = command("probe", run_probe, [device, images],
+    vae, device, images, overwrite = parents
+    pr = command("probe", run_probe, [device, images, overwrite],
                  help="how well a latent diffusion model learns each VAE's latents: diagnostics and a diffusion probe",
                  description="Latent statistics, spectrum, equivariance and noise robustness, then the same small "
                              "denoiser trained with rectified flow on each VAE's normalised latents: loss curves, "
@@ -307,22 +328,24 @@ def run_train(args) -> int:
 def run_convert(args) -> int:
     from .convert import convert
 
-    direction, out = convert(args.source, args.out, args.dtype)
+    direction, out = convert(args.source, args.out, args.dtype, overwrite=args.overwrite)
     print(f"{direction}: {out}")
     return 0
 
 
 def run_export(args) -> int:
     from .sources import load_pretrained_vae
-    from .export import assert_finite, fp16_check, save_diffusers, save_single_file, save_taesd
+    from .export import check_format, fp16_check, save_diffusers, save_single_file, save_taesd
+    from .files import refuse_foreign_output
 
-    vae = load_pretrained_vae(args.source)
-    assert_finite(vae.state_dict(), args.source)  # before the fp16 check, which would blame fp16 for NaN weights
+    vae = load_pretrained_vae(args.source)  # refuses NaN weights, which the fp16 check would blame on fp16
+    check_format(vae, args.format, printable(args.source), warn=False)  # refusals before the fp16 check's 20 s
+    refuse_foreign_output(args.out, args.overwrite)
     if args.format == "onnx":
         return run_onnx_export(vae, args)
     if args.format == "taesd":  # a student: no fp16 check, as TAESD runs in fp16 without one
-        print(f"taesd: {save_taesd(vae, args.out, args.dtype, source=args.source)} (taesd_encoder.safetensors, "
-              f"taesd_decoder.safetensors)")
+        out = save_taesd(vae, args.out, args.dtype, source=args.source, overwrite=args.overwrite)
+        print(f"taesd: {printable(out)} (taesd_encoder.safetensors, taesd_decoder.safetensors)")
         return 0
     check = None if args.no_fp16_check else fp16_check(vae)
     if check:
@@ -330,9 +353,9 @@ def run_export(args) -> int:
               f"{check['max_abs_diff']:.4f} (bound {check['bound']:.4f}), non-finite: {check['nonfinite']} "
               f"-> force_upcast: {str(check['force_upcast']).lower()}")
     if args.format == "single-file":
-        out = save_single_file(vae, args.out, args.dtype, source=args.source, fp16=check)
+        out = save_single_file(vae, args.out, args.dtype, source=args.source, fp16=check, overwrite=args.overwrite)
     else:
-        out = save_diffusers(vae, args.out, args.dtype, fp16=check)
+        out = save_diffusers(vae, args.out, args.dtype, fp16=check, overwrite=args.overwrite)
     print(f"{args.format}: {out}")
     return 0
 
@@ -342,8 +365,8 @@ def run_onnx_export(vae, args) -> int:
 
     if args.dtype != "fp32":
         raise ValueError("the ONNX export is fp32 (its parity with PyTorch is checked in fp32)")
-    parity = export_onnx(vae, args.out)
-    print(f"onnx: {args.out} (encoder.onnx, decoder.onnx); onnxruntime against PyTorch, max abs difference: encoder "
+    parity = export_onnx(vae, args.out, overwrite=args.overwrite)
+    print(f"onnx: {printable(args.out)} (vae_encoder/model.onnx, vae_decoder/model.onnx); onnxruntime against PyTorch, max abs difference: encoder "
           f"{parity['encoder_max_abs_diff']:.2g}, decoder {parity['decoder_max_abs_diff']:.2g} (bound {parity['bound']:g})")
     return 0
 
@@ -351,11 +374,13 @@ def run_onnx_export(vae, args) -> int:
 def run_publish(args) -> int:
     from .publish import publish, stage
 
+    if not args.out and not Path(args.source).is_dir():  # RUN/publish only makes sense for a folder
+        raise ValueError(f"{printable(args.source)} is not a folder: give --out, the folder to stage the repo in")
     out = Path(args.out or Path(args.source) / "publish")
-    folder = stage(args.source, args.repo_id, out, args.license)
+    folder = stage(args.source, args.repo_id, out, args.license, overwrite=args.overwrite)
     if args.dry_run:
-        print(f"dry run: staged {args.repo_id} in {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))}); "
-              f"nothing uploaded")
+        staged = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # what would be uploaded
+        print(f"dry run: staged {args.repo_id} in {printable(folder)} ({', '.join(staged)}); nothing uploaded")
         return 0
     print(f"uploaded {folder} to https://huggingface.co/{args.repo_id}: {publish(folder, args.repo_id, args.private)}")
     return 0
@@ -405,9 +430,9 @@ def run_codec(args) -> int:
                      backend=args.backend)
     if args.command == "encode":
         done, skipped = encode_files(codec, args.inputs, args.out, scaled=not args.raw, tiled=args.tiled,
-                                     max_pixels=args.max_pixels)
+                                     max_pixels=args.max_pixels, overwrite=args.overwrite)
     else:
-        done, skipped = decode_files(codec, args.inputs, args.out, tiled=args.tiled)
+        done, skipped = decode_files(codec, args.inputs, args.out, tiled=args.tiled, overwrite=args.overwrite)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if not done:

@@ -16,7 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
-from .files import atomic_write, describe_error, printable
+from .files import ForeignOutput, atomic_write, describe_error, file_is_ours, prepare_output_folder, printable, text_path
 from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, png_bytes, require_regular_file, tensor_to_pixels, to_rgb
 from .onnx import is_graph_folder
 from .tiling import default_budget, tiled_decode, tiled_encode, untiled_bytes
@@ -25,15 +25,19 @@ from .tiling import default_budget, tiled_decode, tiled_encode, untiled_bytes
 def to_tensor(image) -> torch.Tensor:
     """A PIL image, an HxWx3 uint8 array or a (3, H, W) float tensor in [-1, 1] -> (3, H, W) float in [-1, 1]."""
     if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"image tensors must be (3, H, W) in [-1, 1], got {tuple(image.shape)}")
+        if image.ndim != 3 or image.shape[0] != 3 or 0 in image.shape:
+            raise ValueError(f"image tensors must be (3, H, W) in [-1, 1] with H, W >= 1, got {tuple(image.shape)}")
         return check_range(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"numpy images must be uint8 (H, W[, 3]), got {image.dtype}")
+        if image.ndim not in (2, 3) or 0 in image.shape:
+            raise ValueError(f"numpy images must be (H, W) or (H, W, 3) with H, W >= 1, got {image.shape}")
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected PIL images, uint8 arrays or tensors, got {type(image).__name__}")
+    if 0 in image.size:
+        raise ValueError(f"encode got an empty image ({image.width}x{image.height} pixels)")
     return pixels_to_tensor(to_rgb(image))
 
 
@@ -149,7 +153,7 @@ class VAECodec:
         check_tile_size(tile_size)
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             if images.shape[1] != 3 or 0 in images.shape:
-                raise ValueError(f"image batches must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+                raise ValueError(f"image batches must be (B, 3, H, W) in [-1, 1], B, H, W >= 1, got {tuple(images.shape)}")
             x = check_range(images)
         else:
             if isinstance(images, (list, tuple)) and not images:
@@ -310,20 +314,37 @@ def list_inputs(inputs: list, suffixes: tuple, out_suffix: str) -> list[tuple[Pa
     return files
 
 
+def prepare_outputs(files: list[tuple[Path, Path]], out, command: str, overwrite: bool) -> Path:
+    """The output folder, refused (before anything is encoded) when it, or one of the files the run would replace,
+    holds what sdvae did not write, unless `overwrite`."""
+    out = prepare_output_folder(out, command, overwrite)
+    foreign = [printable(out / name) for _, name in files if not overwrite and replaces_foreign(out / name)]
+    if foreign:
+        raise ForeignOutput(f"{len(foreign)} output file(s) exist that sdvae did not write ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}); choose another --out or add --overwrite")
+    return out
+
+
+def replaces_foreign(path: Path) -> bool:
+    try:
+        return path.exists() and not file_is_ours(path)
+    except OSError:  # a name the file system refuses: that file is skipped when it is written
+        return False
+
+
 def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True, tiled: bool | None = None,
-                 max_pixels: int | None = None) -> tuple[int, list]:
+                 max_pixels: int | None = None, overwrite: bool = False) -> tuple[int, list]:
     """Each image -> OUT/<name>.safetensors holding `latent` and its original size. A file that cannot be read,
     encoded or written is skipped and returned by name with the reason; the others are encoded."""
     files = list_inputs(inputs, IMAGE_EXTENSIONS, ".safetensors")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_outputs(files, out, "encode", overwrite)
     skipped, done = [], 0
     for path, name in tqdm(files, desc="encode", unit="img"):
         try:
             image = open_image(path, max_pixels)
             z = codec.encode(image, scaled=scaled, tiled=tiled)[0].contiguous()
             meta = {"width": str(image.width), "height": str(image.height), "scaled": str(scaled),
-                    "source": printable(path)}
+                    "source": printable(path), "sdvae.kind": "latent"}
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(out / name, safetensors_bytes({"latent": z}, metadata=meta))
             done += 1
@@ -341,7 +362,7 @@ def read_latent_file(path: Path, latent_channels: int) -> tuple[torch.Tensor, tu
     if "latent" not in header:
         raise ValueError("not a latent file written by `sdvae encode` (no 'latent' tensor)")
     meta = header.get("__metadata__") or {}
-    with safe_open(str(path), "pt") as f:
+    with text_path(path) as readable, safe_open(readable, "pt") as f:
         z = f.get_tensor("latent")
     if z.ndim != 3 or z.shape[0] != latent_channels or 0 in z.shape or not z.is_floating_point():
         raise ValueError(f"its latent is {tuple(z.shape)} {z.dtype}; this VAE decodes ({latent_channels}, h, w) floats")
@@ -361,12 +382,12 @@ def read_latent_file(path: Path, latent_channels: int) -> tuple[torch.Tensor, tu
     return z, size, meta.get("scaled", "True") == "True"
 
 
-def decode_files(codec: VAECodec, inputs: list, out, tiled: bool | None = None) -> tuple[int, list]:
+def decode_files(codec: VAECodec, inputs: list, out, tiled: bool | None = None,
+                 overwrite: bool = False) -> tuple[int, list]:
     """OUT/<name>.png for each latent file written by `encode_files` (in the same subfolders), at the image's
     original size. A file that is not such a latent file, or holds bad values, is skipped and returned by name."""
     files = list_inputs(inputs, (".safetensors",), ".png")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_outputs(files, out, "decode", overwrite)
     skipped, done = [], 0
     for path, name in tqdm(files, desc="decode", unit="img"):
         try:

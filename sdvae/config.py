@@ -6,6 +6,8 @@ Loss weights mean what they mean in the latent-diffusion recipe (see README, "Lo
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,100 @@ class TrainConfig:
     skip_log_limit: int = 20  # unreadable files named in the log before they are only counted
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: from low to high, each end included unless it is open."""
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low == -math.inf and self.high == math.inf:
+            return ""
+        if self.high == math.inf:
+            return f"{'above' if self.open_low else 'at least'} {_number(self.low)}"
+        if self.low == -math.inf:
+            return f"{'below' if self.open_high else 'at most'} {_number(self.high)}"
+        return (f"in {'(' if self.open_low else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.open_high else ']'}")
+
+    def must(self) -> str:
+        """What the error says a value outside the range must be."""
+        return "must not be negative" if self == at_least(0) else f"must be {self}"
+
+
+def at_least(low: float) -> Range:
+    return Range(low)
+
+
+def above(low: float) -> Range:
+    return Range(low, open_low=True)
+
+
+def between(low: float, high: float, open_low: bool = False, open_high: bool = False) -> Range:
+    return Range(low, high, open_low, open_high)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+SEEDS = between(0, 2**32 - 1)  # what NumPy and torch.Generator take: a larger or negative seed fails in the run
+LOGVARS = between(-30, 20)  # diffusers clamps the posterior's log-variance to this; beyond it nothing changes
+
+# Every numeric setting of TrainConfig and the values it may take (None passes where the field allows it). Each is
+# also checked to be finite, and a whole number where it is an int. A numeric field missing here is an error.
+TRAIN_RANGES = {
+    "latent_weight": at_least(0),
+    "val_max_images": at_least(1),  # 0 would score no held-out image
+    "val_resolution": at_least(8),
+    "resolution": at_least(8),
+    "crop_downscale_max": at_least(1),  # 1: crops at native scale
+    "max_pixels": at_least(1),
+    "num_workers": at_least(0),
+    "image_cache_mb": at_least(0),  # 0: decode every epoch
+    "batch_size": at_least(1),
+    "max_steps": at_least(1),
+    "max_minutes": at_least(0),  # 0: no limit
+    "learning_rate": above(0),
+    "adam_beta1": between(0, 1, open_high=True),
+    "adam_beta2": between(0, 1, open_high=True),
+    "weight_decay": at_least(0),
+    "lr_warmup_steps": at_least(0),
+    "lr_min_ratio": between(0, 1),
+    "max_grad_norm": at_least(0),  # 0: no clipping
+    "gradient_accumulation_steps": at_least(1),
+    "seed": SEEDS,
+    "perceptual_weight": at_least(0),
+    "kl_weight": at_least(0),
+    "posterior_logvar_init": LOGVARS,
+    "equivariance_weight": at_least(0),
+    "equivariance_prob": between(0, 1),
+    "equivariance_scales": between(0, 1, open_low=True),  # each of the two; low <= high is checked in _check
+    "logvar_init": LOGVARS,  # exp(logvar) divides the loss: far outside this it is 0 or inf
+    "disc_weight": at_least(0),
+    "disc_start": at_least(0),
+    "disc_learning_rate": above(0),  # 0 would fall back to learning_rate silently
+    "disc_layers": at_least(1),
+    "disc_channels": at_least(1),
+    "ema_decay": between(0, 1, open_high=True),  # 0: off
+    "max_nonfinite_steps": at_least(1),
+    "measure_factors_images": at_least(1),
+    "log_every": at_least(1),  # log_every / sample_every / checkpoint_every divide the step count
+    "sample_every": at_least(1),
+    "preview_images": at_least(0),  # 0: no previews
+    "checkpoint_every": at_least(1),
+    "checkpoints_total_limit": at_least(0),  # 0: keep all
+    "skip_log_limit": at_least(0),
+}
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -184,35 +280,21 @@ def _check(cfg: TrainConfig) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key '{key}' must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
-    # log_every / sample_every divide the step count: 0 would crash the run after its first step
-    for key in ("resolution", "batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every",
-                "log_every", "sample_every", "max_pixels", "measure_factors_images"):
-        if getattr(cfg, key) < 1:
-            raise ValueError(f"config key '{key}' must be at least 1, got {getattr(cfg, key)}")
+    low, high = cfg.equivariance_scales  # first: this message says what the pair must be
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"equivariance_scales must be two factors with 0 < low <= high <= 1, got {low}, {high}")
+    check_ranges(cfg, TRAIN_RANGES, lambda key: f"config key '{key}'")
     for key in ("resolution", "val_resolution"):
         if getattr(cfg, key) is not None and (getattr(cfg, key) < 8 or getattr(cfg, key) % 8):
             raise ValueError(f"{key} must be a multiple of 8 (the VAE downsamples 8x), got {getattr(cfg, key)}")
     if cfg.train_decoder_only and not cfg.init_from:
         raise ValueError("train_decoder_only needs init_from: the VAE whose encoder stays frozen")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.crop_downscale_max < 1:
-        raise ValueError(f"crop_downscale_max must be at least 1 (1: native scale), got {cfg.crop_downscale_max}")
-    if not 0 <= cfg.lr_min_ratio <= 1:
-        raise ValueError(f"lr_min_ratio must be in [0, 1], got {cfg.lr_min_ratio}")
-    low, high = cfg.equivariance_scales
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"equivariance_scales must be two factors with 0 < low <= high <= 1, got {low}, {high}")
-    if not 0 <= cfg.equivariance_prob <= 1:
-        raise ValueError(f"equivariance_prob must be in [0, 1], got {cfg.equivariance_prob}")
+    if cfg.disc_weight and cfg.disc_norm == "group" and cfg.disc_channels % 16:  # GroupNorm(32, 2 x channels)
+        raise ValueError(f"disc_channels must be a multiple of 16 with disc_norm=group, got {cfg.disc_channels}")
     _check_distillation(cfg)
     if cfg.measure_factors and cfg.train_decoder_only:
         raise ValueError("measure_factors with train_decoder_only: the frozen encoder's latents are the source's, and so "
                          "are its factors (diffusion models and latent caches rely on them)")
-    for key in ("perceptual_weight", "kl_weight", "latent_weight", "learning_rate", "equivariance_weight",
-                "disc_weight", "disc_start", "lr_warmup_steps", "image_cache_mb", "max_minutes"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"config key '{key}' must not be negative")
 
 
 def _check_distillation(cfg: TrainConfig) -> None:
@@ -238,13 +320,51 @@ def _check_distillation(cfg: TrainConfig) -> None:
             raise ValueError(f"{key} with teacher=: {why}")
 
 
-def check_at_least(settings, **minimums) -> None:
-    """Settings that are counts or sizes: each named field (when set) at least its minimum, or one error naming it."""
-    for key, minimum in minimums.items():
-        value = getattr(settings, key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-            flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{key} ({flag}) must be a whole number of at least {minimum}, got {value!r}")
+def flag_name(key: str) -> str:
+    """How a command's setting is named to its users: `learning_rate (--learning-rate)`."""
+    return f"{key} (--{key.replace('_', '-')})"
+
+
+def check_ranges(settings, ranges: dict[str, Range], name=flag_name) -> None:
+    """Every numeric field of a settings dataclass is finite, a whole number where the field is an int, and in its
+    range; None passes where the field allows it. Otherwise one error that names the setting (`name(key)`).
+    A numeric field without a range is a programming error, found by the first use of the class."""
+    hints = typing.get_type_hints(type(settings))
+    for field in dataclasses.fields(settings):
+        kind, optional = _numeric_kind(hints[field.name])
+        if kind is None:
+            continue
+        if field.name not in ranges:
+            raise TypeError(f"{type(settings).__name__}.{field.name} has no range in its table of ranges")
+        value = getattr(settings, field.name)
+        if value is None and optional:
+            continue
+        for item in value if isinstance(value, tuple) else (value,):
+            problem = _number_problem(item, kind, ranges[field.name])
+            if problem:
+                raise ValueError(f"{name(field.name)} {problem}, got {value!r}")
+
+
+def _numeric_kind(hint) -> tuple[type | None, bool]:
+    """(int or float, whether None is allowed) for a number, an optional number or a tuple of numbers; the kind is
+    None for any other field."""
+    kinds = {a for a in typing.get_args(hint) if a not in (type(None), Ellipsis)} or {hint}
+    kind = kinds.pop() if len(kinds) == 1 else None
+    return (kind if kind in (int, float) else None), type(None) in typing.get_args(hint)
+
+
+def _number_problem(value, kind: type, allowed: Range) -> str | None:
+    """What `value` must be instead ("must be ..." as the error says it), or None when the setting may take it."""
+    within = f", {allowed}" if str(allowed) else ""
+    if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        return f"must be a whole number{within}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be a number{within}"
+    if not math.isfinite(value):  # NaN fails every comparison: said first, or the range would read as if it held
+        return f"must be a finite number{within}"
+    if not allowed.holds(value):
+        return allowed.must()
+    return None
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -275,6 +395,9 @@ def read_config_file(path: str | Path) -> dict:
         raise FileNotFoundError(f"config file not found: {path}")
     try:
         text = path.read_text()
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if isinstance(root, yaml.MappingNode):
+            _check_keys(path, root)  # before loading: a list or mapping as a key cannot even be loaded
         loaded = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not a text file") from None
@@ -286,11 +409,19 @@ def read_config_file(path: str | Path) -> dict:
         return {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path} must hold a mapping of config keys (key: value lines), not a {type(loaded).__name__}")
-    for node, _ in yaml.compose(text).value:  # the same mapping, with the lines of its keys
-        if not isinstance(yaml.safe_load(yaml.serialize(node)), str):
-            raise ValueError(f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}: config keys are "
-                             f"names, got {node.value!r}")
     return loaded
+
+
+def _check_keys(path: Path, mapping: yaml.MappingNode) -> None:
+    """Each key of the file's mapping is a plain name: not a number, an empty key, a list, a mapping (YAML's
+    complex keys, `? [a, b]`) or a merge (`<<`)."""
+    for key, _ in mapping.value:
+        if isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str":
+            continue
+        what = "a list" if isinstance(key, yaml.SequenceNode) else "a mapping" if isinstance(key, yaml.MappingNode) \
+            else repr(key.value) if key.value else "an empty key"
+        raise ValueError(f"{path}:{key.start_mark.line + 1}:{key.start_mark.column + 1}: config keys are names, "
+                         f"got {what}")
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -99,21 +99,19 @@ def modernise_diffusers_keys(state: dict) -> dict:
     return out
 
 
-def convert(source: str | Path, out: str | Path, dtype: str = "fp32") -> tuple[str, Path]:
+def convert(source: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> tuple[str, Path]:
     """Convert between layouts, detecting the input's: LDM single file -> diffusers folder,
-    diffusers (folder or bare state dict) -> LDM single file. Returns (direction, output path)."""
+    diffusers (folder or bare state dict) -> LDM single file. Returns (direction, output path). An existing output
+    that sdvae did not write is refused unless `overwrite`."""
     from .export import save_diffusers, save_single_file
-    from .sources import SINGLE_FILE_SUFFIXES, load_pretrained_vae, load_single_file
+    from .files import printable
+    from .sources import SINGLE_FILE_SUFFIXES, load_pretrained_vae
 
-    source = Path(source)
-    if source.is_file():
-        vae, layout = load_single_file(source, return_layout=True)
-        if layout == "ldm":
-            if Path(out).suffix in SINGLE_FILE_SUFFIXES:  # would be a folder called x.safetensors
-                raise ValueError(f"{source} is already an LDM single file; convert writes it as a diffusers folder, "
-                                 f"not {out}. For a VAE-only single file: sdvae export {source} --format single-file "
-                                 f"--out {out}")
-            return "ldm -> diffusers", save_diffusers(vae, out, dtype)
-    else:
-        vae = load_pretrained_vae(str(source))
-    return "diffusers -> ldm", save_single_file(vae, out, dtype, source=str(source))
+    vae, layout = load_pretrained_vae(str(source), return_layout=True)
+    if layout == "ldm":
+        if Path(out).suffix in SINGLE_FILE_SUFFIXES:  # would be a folder called x.safetensors
+            raise ValueError(f"{printable(source)} is already an LDM single file; convert writes it as a diffusers "
+                             f"folder, not {printable(out)}. For a VAE-only single file: sdvae export "
+                             f"{printable(source)} --format single-file --out {printable(out)}")
+        return "ldm -> diffusers", save_diffusers(vae, out, dtype, overwrite=overwrite)
+    return "diffusers -> ldm", save_single_file(vae, out, dtype, source=str(source), overwrite=overwrite)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .files import prepare_output_folder, refuse_foreign_output
 from .losses import vgg16_cache_path
 
 # Natural photos inside the scikit-image wheel (the rest of skimage.data is synthetic or fetched online).
@@ -71,6 +72,9 @@ def prepare_data(root: str | Path, resolution: int = HOLDOUT) -> tuple[Path, Pat
 def demo_defaults(output_dir: str, resolution: int, perceptual_weight_set: bool) -> tuple[dict, str | None]:
     """Settings the demo adds under the user's own; and a notice when LPIPS must be left out."""
     side = max(HOLDOUT, resolution)
+    # the demo's photos go into the run folder: the same rule as the run's, and the folder is the run's from now on
+    refuse_foreign_output(output_dir, overwrite=False, whole=False, remedy="choose a new or empty output_dir")
+    prepare_output_folder(output_dir, "train (demo)", overwrite=True)  # checked just above
     train_dir, holdout_dir = prepare_data(Path(output_dir) / "data", side)
     values = dict(data=str(train_dir), val_data=str(holdout_dir), val_resolution=side)  # scored whole
     notice = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .config import check_at_least
-from .files import atomic_json, atomic_write, describe_error, printable
+from .config import SEEDS, at_least, check_ranges
+from .files import atomic_json, atomic_write, describe_error, prepare_output_folder, printable, refuse_foreign_output
 from .images import open_image, pixels_to_tensor, png_bytes, resize_crop
 from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
 from .metrics import build_fid_inception, fid_from_features, inception_features, psnr_batch, ssim_batch, summarise
@@ -139,6 +140,11 @@ def load_scorers(lpips_weights: list[str] | None, fid_weights: str | None, use_l
     return lpips_models, inception, skipped
 
 
+# every numeric setting's values (each also finite; None passes where the field allows it): see check_ranges
+EVAL_RANGES = dict(resolution=at_least(8), seed=SEEDS, batch_size=at_least(1), max_images=at_least(1),
+                   grid_images=at_least(0), max_pixels=at_least(1))
+
+
 @dataclass
 class EvalSettings:
     """`sdvae eval`'s settings; the fields are its flags (`--full-size` is full_size), checked as TrainConfig is."""
@@ -160,9 +166,10 @@ class EvalSettings:
     split: str = "validation"
     image_column: str = "image"
     max_pixels: int | None = None
+    overwrite: bool = False  # write into an --out that holds files sdvae did not write
 
     def __post_init__(self):
-        check_at_least(self, batch_size=1, resolution=1, max_images=1, max_pixels=1, grid_images=0)
+        check_ranges(self, EVAL_RANGES)
         if not self.full_size and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
         from .sources import as_dtype
@@ -180,7 +187,9 @@ def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings |
     dtype = as_dtype(s.dtype)
     total, sources = image_sources(data, s.split, s.image_column)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after the whole evaluation
+    # an unusable or foreign --out fails now, not after the whole evaluation; it is made once the VAEs load
+    overwrite = s.overwrite or earlier_eval(out)
+    refuse_foreign_output(out, overwrite, whole=False)
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codecs = {}
     for name, path in vaes.items():
@@ -188,6 +197,7 @@ def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings |
             codecs[name] = load_vae(path, device, dtype, backend=s.backend)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"--vae {name}: {e}") from None
+    prepare_output_folder(out, "eval", overwrite)
     lpips_models, inception, skipped_metrics = load_scorers(s.lpips_weights, s.fid_weights, not s.no_lpips,
                                                             not s.no_fid, not s.no_download, device)
     run = score_all(codecs, sources, total, s, lpips_models, inception, device)
@@ -208,6 +218,15 @@ def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings |
               "skipped_files": run["skipped_files"]}
     write_outputs(out, result, names, run["sizes"], values, run["shown"])
     return result
+
+
+def earlier_eval(out: Path) -> bool:
+    """A folder eval wrote before sdvae recorded its outputs: its metrics.json (with eval's keys) and table.md."""
+    try:
+        keys = set(json.loads((out / "metrics.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+    return {"vaes", "protocol", "skipped_metrics"} <= keys and (out / "table.md").is_file()
 
 
 def score_all(codecs: dict, sources, total: int, s: EvalSettings, lpips_models: dict, inception, device) -> dict:

@@ -12,10 +12,12 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 LOCK_NAME = ".sdvae.lock"
+OUTPUT_RECORD = ".sdvae-output.json"  # in each folder an sdvae command writes: the command and what it wrote
 STALE_PATTERNS = (".*.tmp", ".deleting-*", ".*.old")  # what a kill between our writes and renames leaves
 
 
@@ -82,6 +84,93 @@ def replace_folder(new: Path, final: Path) -> None:
     remove_tree(old)
 
 
+class ForeignOutput(FileExistsError):
+    """An output path holds something sdvae did not write: it is never replaced without --overwrite."""
+
+
+def output_folder_is_ours(folder: Path, whole: bool) -> bool:
+    """A folder sdvae may write into (whole=False) or replace (whole=True): empty, or holding our record; to be
+    replaced, also nothing but what the record lists (a file added later would be lost)."""
+    entries = {p.name for p in folder.iterdir()}
+    if not entries - {LOCK_NAME} or not whole and LOCK_NAME in entries:  # the lock: a run or cache of ours
+        return True
+    try:
+        record = json.loads((folder / OUTPUT_RECORD).read_text())
+        listed = set(record["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not whole or not entries - listed - {OUTPUT_RECORD, LOCK_NAME}
+
+
+def file_is_ours(path: Path) -> bool:
+    """A file sdvae wrote: safetensors with sdvae's metadata (exports, latent files), a PNG it tagged."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if path.suffix == ".png":
+                from PIL import Image
+
+                with Image.open(path) as image:
+                    return str(image.info.get("Software", "")).startswith("sdvae")
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 0 < length <= 100_000_000:
+                return False
+            metadata = json.loads(f.read(length)).get("__metadata__") or {}
+    except Exception:  # unreadable, not safetensors, not a PNG: not something we can tell is ours
+        return False
+    return any(k.startswith("sdvae.") for k in metadata) or {"scaled", "source"} <= set(metadata)
+
+
+def refuse_foreign_output(path: str | Path, overwrite: bool, whole: bool = True,
+                          remedy: str = "choose another output or add --overwrite") -> None:
+    """The one rule for every output: a path that does not exist, or that sdvae wrote itself, may be written (and
+    replaced, atomically); anything else is refused with one line unless `overwrite`. whole=False: a folder that
+    is written into file by file (encode, decode, eval, probe, cache-latents), whose other files stay."""
+    path = Path(path)
+    if overwrite or not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not path.is_symlink():
+        if output_folder_is_ours(path, whole):
+            return
+        what = "a folder holding files sdvae did not write" + ("" if not whole else " (it would be replaced whole)")
+    elif path.is_file() and not path.is_symlink() and file_is_ours(path):
+        return
+    else:
+        what = "a file sdvae did not write" if path.is_file() else "a link or special file"
+    raise ForeignOutput(f"{printable(path)} exists and is {what}; {remedy}")
+
+
+def record_output(folder: str | Path, command: str) -> None:
+    """Mark `folder` as written by sdvae, listing what it holds now (what a later run may replace)."""
+    folder = Path(folder)
+    files = sorted(p.name for p in folder.iterdir() if p.name not in (OUTPUT_RECORD, LOCK_NAME))
+    atomic_json(folder / OUTPUT_RECORD, dict(written_by="sdvae", command=command, files=files,
+                                             time=time.strftime("%Y-%m-%d %H:%M:%S %Z")))
+
+
+@contextlib.contextmanager
+def output_folder(final: str | Path, command: str, overwrite: bool = False):
+    """atomic_folder for an output a user named: refused when it holds what sdvae did not write (unless
+    `overwrite`), and recorded as ours when it is written."""
+    refuse_foreign_output(final, overwrite)
+    with atomic_folder(final) as tmp:
+        yield tmp
+        record_output(tmp, command)
+
+
+def prepare_output_folder(folder: str | Path, command: str, overwrite: bool = False) -> Path:
+    """A folder that a command writes into file by file: refused when it holds what sdvae did not write (unless
+    `overwrite`), then created and recorded as ours."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{printable(folder)} is a file; the output is a folder")
+    refuse_foreign_output(folder, overwrite, whole=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / OUTPUT_RECORD).is_file():
+        record_output(folder, command)
+    return folder
+
+
 def remove_tree(path: Path) -> None:
     """Rename to a hidden name that nothing reads, then delete: a kill mid-delete leaves only that name."""
     path = Path(path)
@@ -120,6 +209,23 @@ def is_disk_full(error: BaseException) -> bool:
 def printable(path) -> str:
     """A file name as text that can always be printed and stored: bytes that are not UTF-8 are escaped."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+@contextlib.contextmanager
+def text_path(path: str | Path):
+    """`path` as a str that native readers and writers (safetensors, onnxruntime, diffusers through them) accept:
+    the path itself, or, where its bytes are not UTF-8 (which they cannot take), a temporary link with a UTF-8
+    name to it."""
+    path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="sdvae-path-") as tmp:
+            link = Path(tmp) / f"link{path.suffix if path.suffix.isascii() else ''}"
+            os.symlink(os.path.abspath(path), link)
+            yield str(link)
+        return
+    yield str(path)
 
 
 def describe_error(error: BaseException) -> str:

@@ -92,9 +92,14 @@ def tensor_to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def png_bytes(image: Image.Image) -> bytes:
-    """A PNG in memory, for atomic_write: the file on disk is then whole or absent."""
+    """A PNG in memory, for atomic_write: the file on disk is then whole or absent. Tagged Software=sdvae, which
+    tells a later run that it may replace the file (sdvae.files.refuse_foreign_output)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "sdvae")
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 

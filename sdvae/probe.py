@@ -16,7 +16,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +27,25 @@ import torch
 from tqdm.auto import tqdm
 
 from . import denoiser as dn
-from .config import check_at_least
+from .checkpoints import _safetensors_problem, _zip_problem
+from .config import SEEDS, above, at_least, check_ranges
 from .data import list_images, seed_for
 from .diagnostics import (downsample_images, equivariance, high_frequency_fraction, latent_statistics,
                           noise_robustness, radial_profile)
-from .files import FolderLock, atomic_folder, atomic_json, atomic_write, printable
+from .files import (LOCK_NAME, FolderLock, atomic_folder, atomic_json, atomic_write, prepare_output_folder, printable,
+                    remove_tree)
 from .images import pixels_to_tensor, png_bytes
 from .probe_report import equivariance_row, image_row, write_outputs
 
 FORMAT = 1  # part of every saved result's key: bump it when a measure changes
+
+
+# every numeric setting's values (each also finite; None passes where the field allows it): see check_ranges
+PROBE_RANGES = dict(resolution=at_least(16), steps=at_least(1), minutes=above(0), batch_size=at_least(1),
+                    learning_rate=above(0),  # 0 would fall back to the default rate silently
+                    seed=SEEDS, eval_every=at_least(1), checkpoint_every=at_least(1), samples=at_least(0),
+                    sample_steps=at_least(1), val_images=at_least(2), num_workers=at_least(0),
+                    max_pixels=at_least(1))
 
 
 @dataclass
@@ -64,14 +76,12 @@ class ProbeSettings:
     no_fid: bool = False
     no_download: bool = False
     max_pixels: int | None = None
+    overwrite: bool = False  # write into an --out that holds files sdvae did not write
 
     def __post_init__(self):
-        check_at_least(self, resolution=16, steps=1, batch_size=1, eval_every=1, checkpoint_every=1, samples=0,
-                       sample_steps=1, val_images=2, num_workers=0, max_pixels=1)
+        check_ranges(self, PROBE_RANGES)
         if self.resolution % 16:  # the latents' side must halve for the downscale measure
             raise ValueError(f"resolution must be a multiple of 16 (latents of an even side), got {self.resolution}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes must be above 0, got {self.minutes}")
         if self.denoiser not in dn.PRESETS:
             raise ValueError(f"unknown denoiser {self.denoiser!r}; choose from {', '.join(dn.PRESETS)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -98,7 +108,7 @@ def probe(vaes: dict[str, str], data: str, out: str, settings: ProbeSettings | N
         raise ValueError("sdvae probe runs in one process (one GPU); run it without accelerate launch / torchrun")
     train_data, heldout_sources = split_data(data, s)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out, "probe", s.overwrite or earlier_probe(out))
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with FolderLock(out, "probe"):
         codecs = {}
@@ -117,6 +127,22 @@ def probe(vaes: dict[str, str], data: str, out: str, settings: ProbeSettings | N
                       heldout_images=heldout["names"], skipped_files=heldout["skipped"], fid_skipped=fid_skipped)
         write_outputs(out, result, heldout)
         return result
+
+
+def earlier_probe(out: Path) -> bool:
+    """A folder a probe wrote before sdvae recorded its outputs (a re-run resumes there): its metrics.json, its
+    denoisers/ checkpoints, a latent cache of its layout, or the lock a `sdvae probe` command took."""
+    metrics, lock = _json_or_none(out / "metrics.json"), _json_or_none(out / LOCK_NAME)
+    return isinstance(metrics, dict) and {"vaes", "protocol", "image_spectrum"} <= set(metrics) \
+        or (out / "denoisers").is_dir() or any(out.glob("latents/*/index.json")) \
+        or isinstance(lock, dict) and "probe" in str(lock.get("command")).split()
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -173,7 +199,7 @@ def train_latents(codec, name: str, train_data: dict, s: ProbeSettings, out: Pat
         cache_dir = out / "latents" / name
         build_cache(codec, data, cache_dir, CacheSettings(resolution=s.resolution, no_buckets=True, flip=True,
                                                           dtype=s.dtype, num_workers=s.num_workers,
-                                                          max_pixels=s.max_pixels))
+                                                          max_pixels=s.max_pixels, overwrite=s.overwrite))
         cache = LatentCache(cache_dir)
         items = [cache[i] for i in range(len(cache)) if cache.rows[i][1]["path"] not in train_data["leave_out"]]
         means = [it[k] for it in items for k in ("mean", "mean_flipped")]
@@ -219,11 +245,10 @@ def probe_vae(name, codec, path, train_data, heldout, s, out, inception, real_fe
     """Every measure of one VAE; reused from <out>/vaes/<name>.json when it was finished with the same settings."""
     key = result_key(codec.model, train_data, heldout, s)
     saved = out / "vaes" / f"{name}.json"
-    if saved.is_file():
-        previous = json.loads(saved.read_text())
-        if previous.get("key") == key:
-            print(f"probe {name}: finished earlier with the same settings, results reused from {saved}")
-            return previous
+    previous = finished_result(saved)
+    if previous is not None and previous.get("key") == key:
+        print(f"probe {name}: finished earlier with the same settings, results reused from {saved}")
+        return previous
     seconds = {}
     start = time.time()
     latents = train_latents(codec, name, train_data, s, out)
@@ -270,6 +295,18 @@ def probe_vae(name, codec, path, train_data, heldout, s, out, inception, real_fe
     return result
 
 
+def finished_result(saved: Path) -> dict | None:
+    """A VAE's saved results, or None: not there, or damaged (then said, and measured again)."""
+    if not saved.is_file():
+        return None
+    try:
+        result = json.loads(saved.read_text())
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{saved} is damaged ({e}): this VAE is measured again")
+        return None
+    return result if isinstance(result, dict) else None
+
+
 def _batched(measure, n: int, size: int = 16) -> dict:
     """Run a per-image measure over batches and join its lists."""
     joined = {}
@@ -289,7 +326,7 @@ def result_key(model, train_data: dict, heldout: dict, s: ProbeSettings) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    unscored = ("device", "backend", "num_workers", "fid_weights", "no_download", "checkpoint_every")
+    unscored = ("device", "backend", "num_workers", "fid_weights", "no_download", "checkpoint_every", "overwrite")
     fields = {k: v for k, v in dataclasses.asdict(s).items() if k not in unscored}
     digest.update(json.dumps(dict(fields, format=FORMAT, data=str(train_data["data"]), heldout=heldout["names"]),
                              sort_keys=True).encode())
@@ -351,7 +388,13 @@ def planned_steps(out: Path, s: ProbeSettings) -> int | None:
     if s.minutes is None:
         return s.steps
     plan = out / "plan.json"
-    return json.loads(plan.read_text())["steps"] if plan.is_file() else None
+    if not plan.is_file():
+        return None
+    try:
+        return int(json.loads(plan.read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # the budget the finished VAEs trained with is lost
+        raise ValueError(f"{plan} is damaged ({type(e).__name__}: {e}); it holds the steps every VAE trains under "
+                         f"--minutes: delete it and {out / 'vaes'} to start the probe's budget again") from None
 
 
 def fix_steps(out: Path, steps: int) -> int:
@@ -360,30 +403,91 @@ def fix_steps(out: Path, steps: int) -> int:
 
 
 def save_denoiser(folder: Path, model, optimizer, state: dict, s: ProbeSettings) -> None:
-    """The denoiser, its optimiser and the loop's position, written whole or not at all."""
+    """The denoiser, its optimiser and the loop's position, written whole or not at all. The checkpoint it
+    replaces is kept as <folder>.previous: what a probe resumes from when this one is found damaged."""
     from safetensors.torch import save_file
 
     inner = model.module if hasattr(model, "module") else model
     with atomic_folder(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        atomic_json(tmp / "state.json", dict(state, settings=_resume_settings(s)))
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}  # a truncated file is found before it is loaded
+        atomic_json(tmp / "state.json", dict(state, settings=_resume_settings(s), files=files))
+        if folder.is_dir():  # only once the new one is whole; a kill before it moves in leaves the previous
+            remove_tree(previous_checkpoint(folder))
+            os.replace(folder, previous_checkpoint(folder))
+
+
+def previous_checkpoint(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.previous")
 
 
 def load_denoiser(folder: Path, model, optimizer, s: ProbeSettings) -> dict | None:
-    """The saved loop position when <folder> holds a checkpoint of the same settings (else a fresh start)."""
+    """The saved loop position of the newest intact checkpoint of the same settings: <folder>, else the one it
+    replaced (<folder>.previous); None: a fresh start. A damaged checkpoint is named in one warning and moved
+    aside to <name>.damaged, so that it never replaces an intact one."""
+    candidates = [c for c in (folder, previous_checkpoint(folder)) if c.is_dir()]
+    for i, candidate in enumerate(candidates):
+        try:
+            state = read_denoiser(candidate, model, optimizer, s)
+        except ValueError as e:
+            aside = candidate.with_name(f"{candidate.name}.damaged")
+            remove_tree(aside)
+            os.replace(candidate, aside)
+            then = f"trying {candidates[i + 1]}" if i + 1 < len(candidates) else "this denoiser starts afresh"
+            warnings.warn(f"damaged denoiser checkpoint, moved to {aside}: {e}; {then}")
+            continue
+        if state is not None:
+            print(f"probe: resumed {candidate} at step {state['step']}")
+            return state
+    return None
+
+
+def read_denoiser(folder: Path, model, optimizer, s: ProbeSettings) -> dict | None:
+    """Load the checkpoint in <folder> into the model and optimiser and return its loop position; None (and nothing
+    loaded) when it was saved with other settings. A ValueError naming the file when it is damaged, raised before
+    the model or the optimiser changes."""
     from safetensors.torch import load_file
 
-    if not (folder / "state.json").is_file():
-        return None
+    problem = denoiser_problem(folder)
+    if problem:
+        raise ValueError(problem)
     state = json.loads((folder / "state.json").read_text())
+    state.pop("files", None)
     if state.pop("settings", None) != _resume_settings(s):
         return None
     inner = model.module if hasattr(model, "module") else model
-    inner.load_state_dict(load_file(folder / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    print(f"probe: resumed {folder} at step {state['step']}")
+    try:
+        weights = load_file(folder / "model.safetensors")
+        saved_optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # past the checks, a file can still be garbage inside
+        raise ValueError(f"{folder} cannot be read ({type(e).__name__}: {e})") from None
+    if {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in inner.state_dict().items()}:
+        raise ValueError(f"{folder / 'model.safetensors'} holds another network than this {s.denoiser} denoiser")
+    optimizer.load_state_dict(saved_optimizer)  # it checks its groups before it changes anything
+    inner.load_state_dict(weights)
     return state
+
+
+def denoiser_problem(folder: Path) -> str | None:
+    """Why the checkpoint in <folder> cannot be resumed from, or None; checked as sdvae.checkpoints checks a
+    training checkpoint: the state parses, each file has the size written, the safetensors header fits its file
+    and the optimiser file has its zip index."""
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        int(state["step"])
+        if not all(isinstance(state[k], list) for k in ("train_loss", "heldout_curve", "window")):
+            raise TypeError("its loss lists are not lists")
+        sizes = dict(state.get("files", {}))  # none in checkpoints written before the sizes were kept
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"{path} is damaged ({type(e).__name__}: {e})"
+    for name in sorted({"model.safetensors", "optimizer.pt", *sizes}):
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+        if name in sizes and (folder / name).stat().st_size != sizes[name]:
+            return f"{folder / name} has {(folder / name).stat().st_size} bytes, {sizes[name]} were written"
+    return _safetensors_problem(folder / "model.safetensors") or _zip_problem(folder / "optimizer.pt")
 
 
 def _resume_settings(s: ProbeSettings) -> dict:
@@ -414,7 +518,7 @@ def image_spectrum(x: torch.Tensor, size: int) -> dict:
 
 
 def protocol(s: ProbeSettings, heldout: dict, device) -> dict:
-    return dict(settings={k: v for k, v in dataclasses.asdict(s).items() if k != "fid_weights"},
+    return dict(settings={k: v for k, v in dataclasses.asdict(s).items() if k not in ("fid_weights", "overwrite")},
                 learning_rate=s.rate, device=str(device), heldout_images=len(heldout["names"]),
                 images=f"shorter side resized to {s.resolution} (bicubic), centre crop; training images through "
                        f"the latent cache (Lanczos, centre crop) with their mirrored crops",

@@ -35,7 +35,8 @@ from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
 from .distill import DistillationForward, build_student, last_decoder_layer, load_teacher, teacher_latents
 from .equivariance import Equivariance
-from .files import FolderLock, FolderLocked, atomic_json, atomic_write, remove_stale_temporaries, write_failure
+from .files import (STALE_PATTERNS, FolderLock, FolderLocked, ForeignOutput, atomic_json, atomic_write,
+                    refuse_foreign_output, remove_stale_temporaries, write_failure)
 from .images import png_bytes
 from .losses import AutoencoderLoss, build_lpips
 from .metrics import comparison_grid, error_grid, reconstruct, score, summarise
@@ -71,7 +72,7 @@ def train(cfg: TrainConfig) -> dict:
                     if run.ema is not None:
                         run.ema.step(run.trained)
                     stop, signum = stop_reason(run, signals)
-                    advance(progress, cfg, state, window.started, stop)
+                    advance(progress, cfg, state, window.started, stop, signum)
                     if state.step % cfg.log_every == 0 or stop:
                         write_log(run, window, progress)
                     if run.preview is not None and main and (state.step % cfg.sample_every == 0 or stop):
@@ -109,9 +110,11 @@ def lock_run_folder(accelerator, out: Path):
     """One run per folder: the main process holds the lock; if it cannot get it, every process stops."""
     lock, error = None, None
     if accelerator.is_main_process:
-        try:
+        try:  # a folder that holds what sdvae did not write (a pipeline's, a repo clone) is never trained into
+            if not left_by_a_run(out):
+                refuse_foreign_output(out, overwrite=False, whole=False, remedy="choose a new or empty output_dir")
             lock = FolderLock(out, "training run").acquire()
-        except FolderLocked as e:
+        except (FolderLocked, ForeignOutput) as e:
             error = e
     if not all_processes_agree(accelerator, error is None):
         raise error or FolderLocked(f"{out} is in use by another sdvae training run")
@@ -120,6 +123,14 @@ def lock_run_folder(accelerator, out: Path):
     finally:
         if lock is not None:
             lock.release()
+
+
+def left_by_a_run(out: Path) -> bool:
+    """A folder of a run older than its lock file (a checkpoint), or only what a killed run leaves."""
+    if any(out.glob("checkpoint-*/trainer_state.json")):
+        return True
+    entries = list(out.iterdir()) if out.is_dir() else []
+    return bool(entries) and all(any(p.match(pattern) for pattern in STALE_PATTERNS) for p in entries)
 
 
 class StopSignals:
@@ -272,10 +283,6 @@ def trainable_vae(cfg: TrainConfig):
     vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
     if cfg.posterior_logvar_init is not None and not cfg.init_from:
         set_posterior_logvar(vae, cfg.posterior_logvar_init)
-    if cfg.init_from:
-        from .export import assert_finite
-
-        assert_finite(vae.state_dict(), f"init_from {cfg.init_from}")  # NaN weights would train nothing
     if cfg.train_decoder_only:  # the sd-vae-ft-mse recipe: latents of the source VAE stay valid
         vae.encoder.requires_grad_(False)
         if vae.quant_conv is not None:  # SD3 / FLUX VAEs have none
@@ -557,11 +564,14 @@ def write_log(run: Run, window: LogWindow, progress) -> None:
     progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
 
 
-def advance(progress, cfg, state: TrainState, started: float, stop: bool) -> None:
+def advance(progress, cfg, state: TrainState, started: float, stop: bool, signum: int = 0) -> None:
     """One step on the bar, whose total is the step the run stops at: max_steps, the last step, or for a
-    time-limited run the estimate, which never falls behind while time is left."""
+    time-limited run the estimate, which never falls behind while time is left. A run stopped by a signal keeps
+    its total: the bar shows how far it got, not 100%."""
     step = progress.n + 1
-    if stop:
+    if stop and signum:
+        progress.set_postfix_str(f"stopped by {signal.Signals(signum).name}", refresh=False)
+    elif stop:
         progress.total = step
     elif cfg.max_minutes > 0:
         progress.total = max(step + 1, steps_in_time(cfg, step, step - progress.initial, time.time() - started,
@@ -617,7 +627,7 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
         exported = "ema"
     factors = measure_factors(run)
     with reported_write(f"the export {out / 'vae'}", out):
-        save_diffusers(vae, out / "vae")
+        save_diffusers(vae, out / "vae", overwrite=True)  # the run folder is this run's (lock_run_folder)
     state = run.state
     metrics = dict(steps=state.step, epochs=state.epoch, wall_seconds=round(elapsed, 1),
                    images_per_sec=round(window.images_seen / max(elapsed, 1e-9), 2), images_seen=window.images_seen,

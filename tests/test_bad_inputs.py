@@ -166,7 +166,7 @@ def test_decode_skips_and_names_each_bad_latent_file(corpus, tmp_path):
     assert len(skipped) == len(corpus["bad_latents"])
     for name in corpus["bad_latents"]:
         assert any(f"{name}.safetensors:" in line for line in skipped), name
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == sorted(
         Path(n).with_suffix(".png").name for n in corpus["good_latents"])
 
 

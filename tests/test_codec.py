@@ -74,7 +74,7 @@ def test_encode_decode_commands_keep_original_sizes(tmp_path, codec):
     vae_dir = tmp_path / "vae"
     codec.model.save_pretrained(vae_dir)
     assert main(["encode", str(images), "--vae", str(vae_dir), "--out", str(tmp_path / "latents")]) == 0
-    assert sorted(p.name for p in (tmp_path / "latents").iterdir()) == ["a.safetensors", "b.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "latents").glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
     assert main(["decode", str(tmp_path / "latents"), "--vae", str(vae_dir), "--out", str(tmp_path / "out")]) == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (61, 45)
     assert Image.open(tmp_path / "out" / "b.png").size == (40, 72)

@@ -134,6 +134,49 @@ def test_training_batches_are_the_same_for_every_vae_and_resume_exactly(tmp_path
                                                                           rel=1e-5)
 
 
+def damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncate" else b"garbage" * 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file, how", [("model.safetensors", "truncate"), ("model.safetensors", "garbage"),
+                                       ("optimizer.pt", "truncate"), ("state.json", "garbage")])
+def test_a_damaged_denoiser_checkpoint_is_named_and_the_one_before_it_resumed(tmp_path, capsys, file, how):
+    latents, heldout = dict(mean=torch.randn(10, 4, 8, 8), std=torch.rand(10, 4, 8, 8)), torch.randn(3, 4, 8, 8)
+    quick = dict(denoiser="tiny", checkpoint_every=2, eval_every=100)  # held-out losses at the end only: seconds
+    s = probe_settings(steps=6, **quick)
+    whole = train_probe("x", latents, heldout, s, tmp_path / "whole")
+    parts = tmp_path / "parts"
+    train_probe("x", latents, heldout, probe_settings(steps=4, **quick), parts)
+    folder = parts / "denoisers" / "x"
+    assert json.loads((folder / "state.json").read_text())["step"] == 4
+    assert json.loads((parts / "denoisers" / "x.previous" / "state.json").read_text())["step"] == 2
+    damage(folder / file, how)
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as warned:
+        resumed = train_probe("x", latents, heldout, s, parts)
+    assert len(warned) == 1 and str(folder / file) in str(warned[0].message)
+    assert "x.previous at step 2" in capsys.readouterr().out
+    assert resumed["steps"] == 6 and resumed["heldout_loss"] == pytest.approx(whole["heldout_loss"], rel=1e-5)
+    assert (parts / "denoisers" / "x.damaged" / file).is_file()  # set aside, never rotated in over an intact one
+    assert json.loads((folder / "state.json").read_text())["step"] == 6
+
+
+@pytest.mark.slow
+def test_with_every_denoiser_checkpoint_damaged_the_probe_starts_afresh(tmp_path):
+    latents, heldout = dict(mean=torch.randn(10, 4, 8, 8), std=torch.rand(10, 4, 8, 8)), torch.randn(3, 4, 8, 8)
+    s = probe_settings(denoiser="tiny", steps=4, checkpoint_every=2, eval_every=100)
+    fresh = train_probe("x", latents, heldout, s, tmp_path / "fresh")
+    damage(tmp_path / "fresh" / "denoisers" / "x" / "model.safetensors", "truncate")
+    damage(tmp_path / "fresh" / "denoisers" / "x.previous" / "optimizer.pt", "truncate")
+    with pytest.warns(UserWarning) as warned:
+        again = train_probe("x", latents, heldout, s, tmp_path / "fresh")
+    assert [w.message.args[0].endswith(end) for w, end in zip(warned, ("x.previous", "starts afresh"))] == [True, True]
+    assert "model.safetensors" in str(warned[0].message) and "optimizer.pt" in str(warned[1].message)
+    assert again["train_loss"] == fresh["train_loss"] and again["heldout_loss"] == fresh["heldout_loss"]
+
+
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
     """One probe of three VAEs: a tiny VAE, the same weights again, and a 16-channel one."""

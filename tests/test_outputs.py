@@ -1,0 +1,246 @@
+"""What every command does with what it finds: existing outputs (never replaced unless sdvae wrote them, or
+--overwrite), VAEs with non-finite weights (refused where they are loaded), folders whose names are not UTF-8,
+tensors of the wrong rank, and formats a client cannot build."""
+import io
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from sdvae.cli import main
+from sdvae.files import OUTPUT_RECORD, file_is_ours
+from sdvae.models import build_vae
+from sdvae.sources import is_finite, load_pretrained_vae
+from sdvae.train import advance
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9")
+
+
+def user_folder(path: Path) -> Path:
+    """A folder the user owns: a clone of a Hub repo."""
+    (path / ".git").mkdir(parents=True)
+    (path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (path / "README.md").write_text("my model card\n")
+    return path
+
+
+def snapshot(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def one_error(capsys, *words) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.split(": ")[1] == "error", err
+    assert all(w in err for w in words), err
+    return err
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "{vae}", "--no-fp16-check", "--out", "{out}"],
+    ["export", "{vae}", "--format", "onnx", "--out", "{out}"],
+    ["convert", "{single}", "{out}"],
+    ["publish", "{vae}", "--repo-id", "me/x", "--dry-run", "--out", "{out}"],
+])
+def test_a_folder_sdvae_did_not_write_is_never_replaced(tmp_path, vae_dir, capsys, argv):
+    single = tmp_path / "v.safetensors"
+    assert main(["export", str(vae_dir), "--format", "single-file", "--no-fp16-check", "--out", str(single)]) == 0
+    out = user_folder(tmp_path / "clone")
+    before = snapshot(out)
+    fill = dict(vae=str(vae_dir), single=str(single), out=str(out))
+    argv = [a.format(**fill) for a in argv]
+    capsys.readouterr()
+    assert main(argv) == 2
+    one_error(capsys, str(out), "--overwrite")
+    assert snapshot(out) == before and not any(p.name.startswith(".clone") for p in tmp_path.iterdir())
+    assert main(argv + ["--overwrite"]) == 0  # asked for: replaced whole
+    assert not (out / ".git").exists() and (out / OUTPUT_RECORD).is_file()
+    assert main(argv) == 0  # what sdvae wrote itself is replaced without asking
+
+
+def test_a_file_sdvae_did_not_write_is_never_replaced(tmp_path, vae_dir, capsys):
+    mine = tmp_path / "mine.safetensors"
+    save_file({"w": torch.ones(2)}, mine)
+    for argv in (["export", str(vae_dir), "--format", "single-file", "--no-fp16-check", "--out", str(mine)],
+                 ["convert", str(vae_dir), str(mine)]):
+        assert main(argv) == 2
+        one_error(capsys, str(mine), "--overwrite")
+        assert set(load_file(mine)) == {"w"}
+    assert main(["convert", str(vae_dir), str(mine), "--overwrite"]) == 0
+    assert file_is_ours(mine) and "encoder.conv_in.weight" in load_file(mine)
+    assert main(["convert", str(vae_dir), str(mine)]) == 0  # ours now
+
+
+def test_a_file_added_to_an_exported_folder_keeps_it_from_being_replaced(tmp_path, vae_dir, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(vae_dir), "--no-fp16-check", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(vae_dir), "--no-fp16-check", "--out", str(out)]) == 2
+    one_error(capsys, "would be replaced whole")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_encode_and_decode_never_replace_files_they_did_not_write(tmp_path, vae_dir, photos, capsys):
+    latents, decoded = tmp_path / "latents", tmp_path / "decoded"
+    assert main(["encode", str(photos), "--vae", str(vae_dir), "--out", str(latents)]) == 0
+    assert main(["decode", str(latents), "--vae", str(vae_dir), "--out", str(decoded)]) == 0
+    assert main(["decode", str(latents), "--vae", str(vae_dir), "--out", str(decoded)]) == 0  # ours: replaced
+    # decoding into the photos' own folder would replace the user's PNGs
+    before = snapshot(photos)
+    capsys.readouterr()
+    assert main(["decode", str(latents), "--vae", str(vae_dir), "--out", str(photos)]) == 2
+    one_error(capsys, str(photos), "--overwrite")
+    assert snapshot(photos) == before
+    # a file the user put into a folder of ours, under a name the run would write
+    Image.new("RGB", (8, 8)).save(decoded / "astronaut.png")
+    assert main(["decode", str(latents), "--vae", str(vae_dir), "--out", str(decoded)]) == 2
+    one_error(capsys, "astronaut.png", "--overwrite")
+    assert Image.open(decoded / "astronaut.png").size == (8, 8)
+    assert main(["decode", str(latents), "--vae", str(vae_dir), "--out", str(decoded), "--overwrite"]) == 0
+    assert Image.open(decoded / "astronaut.png").size != (8, 8)
+
+
+def test_train_never_writes_into_a_folder_it_did_not_make(tmp_path, photos, capsys):
+    out = user_folder(tmp_path / "pipeline")
+    (out / "vae").mkdir()
+    (out / "vae" / "config.json").write_text("{}")
+    before = snapshot(out)
+    assert main(["train", f"data={photos}", f"output_dir={out}", "max_steps=1", "resolution=32",
+                 "perceptual_weight=0"]) == 2
+    one_error(capsys, str(out), "output_dir")
+    assert snapshot(out) == before and not (out / ".sdvae.lock").exists()
+
+
+def nan_vae(tmp_path, vae_dir) -> Path:
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        vae.encoder.mid_block.resnets[0].conv1.bias[3] = float("inf")
+    vae.save_pretrained(tmp_path / "nan-vae")
+    return tmp_path / "nan-vae"
+
+
+def test_every_command_refuses_a_vae_with_non_finite_weights(tmp_path, vae_dir, photos, capsys):
+    bad = str(nan_vae(tmp_path, vae_dir))
+    assert main(["encode", str(photos), "--vae", str(vae_dir), "--out", str(tmp_path / "z")]) == 0
+    commands = [
+        ["encode", str(photos), "--vae", bad, "--out", str(tmp_path / "e")],
+        ["decode", str(tmp_path / "z"), "--vae", bad, "--out", str(tmp_path / "d")],
+        ["stats", "--vae", bad, "--data", str(photos), "--resolution", "32"],
+        ["eval", "--vae", bad, "--data", str(photos), "--out", str(tmp_path / "ev"), "--no-lpips", "--no-fid",
+         "--resolution", "32"],
+        ["cache-latents", "--vae", bad, "--data", str(photos), "--out", str(tmp_path / "c"), "--resolution", "32"],
+        ["probe", "--vae", bad, "--data", str(photos), "--out", str(tmp_path / "p"), "--resolution", "32",
+         "--steps", "2", "--no-fid", "--denoiser", "tiny"],
+        ["export", bad, "--out", str(tmp_path / "x")],
+        ["convert", bad, str(tmp_path / "x.safetensors")],
+        ["publish", bad, "--repo-id", "me/x", "--dry-run", "--out", str(tmp_path / "pub")],
+        ["train", f"data={photos}", f"init_from={bad}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
+         "resolution=32", "perceptual_weight=0"],
+    ]
+    capsys.readouterr()
+    for argv in commands:
+        assert main(argv) == 2, argv
+        one_error(capsys, "non-finite", "encoder.mid_block.resnets.0.conv1.bias")
+    for name in ("e", "d", "x", "x.safetensors", "pub"):
+        assert not any((tmp_path / name).glob("*.safetensors")) and not (tmp_path / name).is_file()
+
+
+def test_the_finiteness_check_sees_every_kind_of_bad_value():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(1000)
+        t[517] = bad
+        assert not is_finite(t) and not is_finite(t.half()) and not is_finite(t.bfloat16())
+    assert is_finite(torch.full((10,), 3e38))  # a sum that overflows is checked element by element
+    assert is_finite(torch.zeros(0)) and is_finite(torch.randn(100))
+
+
+def test_a_vae_under_a_path_that_is_not_utf8_works_in_every_command(tmp_path, vae_dir, photos, capsys):
+    folder = tmp_path / NOT_UTF8
+    build_vae("tiny").save_pretrained(folder / "vae")
+    single, out = folder / "v.safetensors", folder / "out"
+    assert main(["export", str(folder / "vae"), "--format", "single-file", "--no-fp16-check", "--out", str(single)]) == 0
+    assert main(["export", str(single), "--no-fp16-check", "--out", str(out)]) == 0
+    assert main(["encode", str(photos), "--vae", str(single), "--out", str(folder / "z")]) == 0
+    assert main(["decode", str(folder / "z"), "--vae", str(out), "--out", str(folder / "d")]) == 0
+    assert len(list((folder / "d").glob("*.png"))) == len(list(photos.glob("*.png")))
+    a, b = load_pretrained_vae(str(folder / "vae")), load_pretrained_vae(str(out))
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_tensors_of_the_wrong_rank_are_listed_by_name(tmp_path, vae_dir, capsys):
+    single = tmp_path / "v.safetensors"
+    assert main(["export", str(vae_dir), "--format", "single-file", "--no-fp16-check", "--out", str(single)]) == 0
+    state = load_file(single)
+    state["encoder.conv_in.weight"] = torch.zeros(32)  # 1-D where a convolution belongs
+    state["decoder.mid.block_1.norm1.weight"] = torch.zeros(4, 4)
+    save_file(state, tmp_path / "bad.safetensors")
+    capsys.readouterr()
+    for argv in (["convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "o")],
+                 ["export", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "o2")]):
+        assert main(argv) == 2
+        one_error(capsys, "encoder.conv_in.weight (32,)", "decoder.mid.block_1.norm1.weight (4, 4)")
+
+
+def test_formats_a_client_cannot_build_are_refused_before_any_work(tmp_path, vae_dir, capsys):
+    from sdvae.distill import build_student
+
+    teacher = AutoencoderKL.from_pretrained(vae_dir)
+    for preset in ("taesd", "taesd-16"):
+        build_student(preset, teacher).save_pretrained(tmp_path / preset)
+    # a student as a single file: refused at once, without the fp16 check
+    assert main(["export", str(tmp_path / "taesd"), "--format", "single-file", "--out", str(tmp_path / "s.safetensors")]) == 2
+    one_error(capsys, "tiny student")
+    # taesd-16's 16-channel blocks: no TAESD client builds them
+    assert main(["export", str(tmp_path / "taesd-16"), "--format", "taesd", "--out", str(tmp_path / "t16")]) == 2
+    one_error(capsys, "64 channels")
+    assert main(["export", str(tmp_path / "taesd"), "--format", "taesd", "--out", str(tmp_path / "t")]) == 0
+    # a tiny KL VAE as a single file: written, with one line saying the UIs cannot build it
+    assert main(["export", str(vae_dir), "--format", "single-file", "--no-fp16-check", "--out",
+                 str(tmp_path / "k.safetensors")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdvae export: warning: ") and "ComfyUI" in err[0]
+
+
+def test_warnings_are_one_line_each(tmp_path, vae_dir, capsys):
+    from sdvae import cli
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = cli.one_line_warnings("encode")
+        warnings.warn("first part\n  second part")
+        warnings.showwarning = shown
+    assert capsys.readouterr().err == "sdvae encode: warning: first part second part\n"
+
+
+def test_a_run_stopped_by_a_signal_shows_how_far_it_got():
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    cfg, state = SimpleNamespace(max_minutes=0, max_steps=100), SimpleNamespace(train_seconds=0.0)
+    with tqdm(total=100, file=io.StringIO()) as bar:
+        for _ in range(36):
+            advance(bar, cfg, state, 0.0, stop=False)
+        advance(bar, cfg, state, 0.0, stop=True, signum=2)
+        assert (bar.n, bar.total) == (37, 100)
+    with tqdm(total=100, file=io.StringIO()) as bar:
+        advance(bar, cfg, state, 0.0, stop=True)  # a run that ends on its own: the bar ends where it stopped
+        assert (bar.n, bar.total) == (1, 1)
+
+
+def test_encode_names_an_empty_image(vae_dir):
+    import numpy as np
+
+    from sdvae.codec import load_vae
+
+    codec = load_vae(str(vae_dir))
+    for empty in (Image.new("RGB", (0, 0)), Image.new("RGB", (5, 0)), np.zeros((0, 4, 3), np.uint8),
+                  torch.zeros(3, 0, 8), torch.zeros(0, 3, 8, 8), [Image.new("RGB", (3, 0))]):
+        with pytest.raises(ValueError, match="empty image|H, W >= 1"):
+            codec.encode(empty)
+    assert codec.encode(Image.new("RGB", (1, 1))).shape == (1, 4, 1, 1)  # one pixel is an image
