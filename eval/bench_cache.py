@@ -3,8 +3,8 @@
     python eval/bench_cache.py                  # this machine, writes eval/results/bench_cache_<device>.*
     python eval/bench_cache.py --tiny-imagenet 10000 --bsds 200 --bsds-sd 200   # more images (a GPU)
 
-Each row builds a fresh cache (`sdvae.cache.build_cache`: hashing, loader workers decoding/resizing/cropping,
-encoding, shard and index writes, with the VAE already loaded) and then encodes the same number of tensors of
+Each row builds a fresh cache (`sdvae.cache.build_cache`: loader workers decoding/resizing/cropping and hashing,
+encoding, parquet shard and record writes, with the VAE already loaded) and then encodes the same number of tensors of
 the same bucket shapes, already in memory, with `codec.posterior` in a loop of the same batch size: the
 model-only rate, measured before and after the cache and the faster kept (other processes on the machine
 slow one pass more often than both). The ratio says how much of the encoder's speed the cache keeps; the load
@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 
 from sdvae.cache import bucket_sizes, build_cache, nearest_bucket  # noqa: E402
 from sdvae.codec import load_vae  # noqa: E402
-from sdvae.data import list_images  # noqa: E402
+from sdvae.inputs import list_images  # noqa: E402
 from sdvae.sources import as_dtype  # noqa: E402
 from sdvae.models import build_vae  # noqa: E402
 
@@ -82,10 +82,10 @@ def run(setups, work: Path, device: str, args) -> list[dict]:
         report = build_cache(codec, data, cache_dir, resolution=resolution, batch_size=args.batch_size,
                              num_workers=num_workers, dtype=args.dtype, progress=False)
         seconds = time.time() - start
-        index = json.loads((cache_dir / "index.json").read_text())
         cached_shapes = Counter()
-        for shard in index["shards"]:
-            cached_shapes[tuple(shard["bucket"])] += shard["rows"]
+        for shard in report["manifest"]["shards"]:
+            for bucket, rows in shard["buckets"].items():
+                cached_shapes[tuple(map(int, bucket.split("x")))] += rows
         if cached_shapes != shapes:  # EXIF rotations or unreadable files would make the passes differ
             raise RuntimeError(f"the cache's buckets {dict(cached_shapes)} are not the predicted {dict(shapes)}")
         after = model_only(codec, shapes, args.batch_size)
@@ -149,8 +149,8 @@ def main():
               f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {args.dtype}, batch size "
               f"{args.batch_size}, {time.strftime('%Y-%m-%d')}. Command: `python eval/bench_cache.py "
               f"{' '.join(sys.argv[1:])}`.\n"
-              "cache: `build_cache` end to end with the VAE loaded (file hashing, loader workers decoding, resizing "
-              "(Lanczos) and cropping, encoding, shard + index writes); model-only: `codec.posterior` on in-memory "
+              "cache: `build_cache` end to end with the VAE loaded (loader workers decoding, resizing (Lanczos), "
+              "cropping and hashing, encoding, parquet shard + record writes); model-only: `codec.posterior` on in-memory "
               "tensors of the same bucket shapes and batch size, the faster of a pass before and one after the cache. "
               "Random-init presets.\n"
               f"1-minute load average before each row (other work on the machine): {loads}.\n\n")

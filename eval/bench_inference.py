@@ -172,7 +172,8 @@ def quality_rows(vae_path, data_dir, dtypes, device, max_images):
     import numpy as np
 
     import sdvae
-    from sdvae.data import list_images, open_image
+    from sdvae.data import open_image
+    from sdvae.inputs import list_images
     from sdvae.metrics import psnr
 
     files = list_images(Path(data_dir))[:max_images]

@@ -1,50 +1,77 @@
-"""Latent caching for diffusion training: `sdvae cache-latents --vae X --data D --out CACHE`.
+"""Latent caches for diffusion training: `sdvae cache-latents --vae X --data D --out CACHE`, on one process or on
+many (torchrun / accelerate launch ranks, a Slurm array, several machines on one shared file system).
 
 A diffusion trainer that runs the VAE encoder on every image every epoch spends much of its time there; this
-encodes each image once. Each image is resized and cropped to an aspect-ratio bucket, and the encoder's
-posterior (mean and std, unscaled, stored fp32) is kept, so that the trainer draws a fresh sample
-mean + std * eps every epoch, as it would with the encoder in the loop.
+encodes each image once. Each image is resized and cropped to an aspect-ratio bucket, and the encoder's posterior
+(mean and std, unscaled) is kept, so that the trainer draws a fresh sample mean + std * eps every epoch.
 
-    CACHE/index.json                       settings, VAE hash, every shard (file, sha256, bucket) and its rows
-    CACHE/shards/shard-XXXXX.safetensors   one bucket shape each: mean, std (N, C, h, w) [+ mean_flipped, std_flipped]
-    CACHE/report.json                      the last run: counts, skipped files and why, images/s, settings
+The unit of work is one input shard (sdvae.inputs: a tar, a parquet or arrow file, a slice of a folder), and each
+gives one output shard. Processes share the work through claims in the output folder (sdvae.claims):
 
-An image's key is a sha256 over its file's bytes, the encoder's weights and the settings: a changed file, VAE or
-setting gets a new key and is encoded again, and entries whose key no longer matches leave the index. Shards
-and the index are written atomically as shards fill, so a killed run continues where it stopped.
+    CACHE/README.md                    dataset card: `datasets.load_dataset(CACHE, streaming=True)` reads the shards
+    CACHE/shards/<unit>.parquet        one row per readable image: key, sha256 of its bytes, bucket, sizes, crop
+                                       boxes, mean and std (C, h, w) [mean_flipped, std_flipped]
+    CACHE/done/<unit>.json             the unit's completion record: its input fingerprint, the cache key, the
+                                       shard's sha256 and rows, and the unit's skipped files with the reason
+    CACHE/claims/<unit>.json           a unit being encoded, and by whom
+    CACHE/manifest.json                written when every unit is done: format, VAE fingerprint, factors, settings,
+                                       every shard's rows and sha256 (sdvae.cache_reader reads through it)
+
+A unit is done again only when its input's fingerprint (paths, sizes, mtimes: read without opening its images),
+the encoder's weights or a setting changed: a rerun reads nothing of finished units and leaves their shards as
+they are. Files are written atomically, so a killed run continues where it stopped.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import random
+import socket
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .data import list_images, open_image, seed_for
-from .sources import dtype_name
+from .claims import Claims
 from .config import SEEDS, at_least, check_ranges
-from .files import FolderLock, atomic_write, describe_error, prepare_output_folder, refuse_foreign_output
-from .images import pixels_to_tensor
+from .data import seed_for
+from .files import atomic_json, atomic_write, describe_error, prepare_output_folder, printable, refuse_foreign_output
+from .images import open_image, pixels_to_tensor
+from .inputs import list_units, read_unit
+from .sources import dtype_name
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # part of every key: bump it when the preprocessing changes, so old caches are encoded again
+FORMAT = 2  # 1: safetensors shards under one index.json; 2: a parquet shard per input unit, done records, manifest
+LATENT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+DATASET_CARD = """---
+configs:
+- config_name: default
+  data_files: shards/*.parquet
+tags: [sdvae, latents]
+---
+
+# Latent cache
+
+Written by `sdvae cache-latents`. One row per image: `key`, `sha256` (of the image file), `bucket` (W, H),
+`original_size`, `resized_size`, `crop_box`, `crop_box_original`, and the VAE posterior's `mean` and `std` as
+(C, h, w) nested lists, unscaled (`mean_flipped`, `std_flipped`: the mirrored crop's). `manifest.json` holds
+the VAE's fingerprint and the factors a diffusion trainer needs: `(z - shift_factor) * scaling_factor`.
+"""
 
 
 # ---- buckets and crops -------------------------------------------------------------------------------------
@@ -89,36 +116,7 @@ def plan_crop(size: tuple[int, int], bucket: tuple[int, int], random_crop: bool 
     return dict(original_size=(w, h), bucket=bucket, resized_size=(rw, rh), crop_box=box, crop_box_original=original)
 
 
-class _Crops(Dataset):
-    """Decoding, resizing and cropping, done in DataLoader workers while the main process encodes."""
-
-    def __init__(self, files, seeds, buckets, random_crop, max_pixels=None):
-        self.files, self.seeds, self.buckets, self.random_crop = files, seeds, buckets, random_crop
-        self.max_pixels = max_pixels
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        try:
-            image = open_image(self.files[i], self.max_pixels)  # RGB as a viewer shows it (EXIF rotation applied)
-            plan = plan_crop(image.size, nearest_bucket(image.size, self.buckets), self.random_crop, self.seeds[i])
-            image = image.resize(plan["resized_size"], Image.Resampling.LANCZOS).crop(plan["crop_box"])
-        except Exception as e:  # truncated, empty, not an image: skipped and reported, never the end of the run
-            return dict(index=i, error=describe_error(e))
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8: a quarter of fp32 between processes
-        return dict(index=i, pixels=pixels, **plan)
-
-
-def _as_list(items):
-    return items
-
-
-def _one_thread(_worker_id):
-    torch.set_num_threads(1)  # the workers only resize; the encoder keeps the cores
-
-
-# ---- hashes and atomic files -------------------------------------------------------------------------------
+# ---- hashes ----------------------------------------------------------------------------------------------
 
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
@@ -149,22 +147,11 @@ def encoder_hash(model) -> str:
     return digest.hexdigest()
 
 
-def _check_shard(root: Path, shard: dict) -> str | None:
-    """None when the shard file exists and matches its checksum, else what is wrong."""
-    path = root / shard["file"]
-    if not path.is_file():
-        return "file missing"
-    actual = file_sha256(path)
-    if actual != shard["sha256"]:
-        return f"sha256 {actual[:12]}... does not match the index's {shard['sha256'][:12]}..."
-    return None
-
-
-# ---- building ----------------------------------------------------------------------------------------------
+# ---- settings ----------------------------------------------------------------------------------------------
 
 # every numeric setting's values (each also finite; None passes where the field allows it): see check_ranges
 CACHE_RANGES = dict(resolution=at_least(8), batch_size=at_least(1), num_workers=at_least(0), shard_size=at_least(1),
-                    seed=SEEDS, max_pixels=at_least(1))
+                    seed=SEEDS, max_pixels=at_least(1), claim_timeout=at_least(1))
 
 
 @dataclass
@@ -176,12 +163,16 @@ class CacheSettings:
     no_buckets: bool = False  # one square bucket, resolution x resolution
     batch_size: int = 8
     num_workers: int | None = None  # loader processes (default: min(4, CPUs))
-    shard_size: int = 1024  # images per shard
+    shard_size: int = 1024  # images per unit of a folder (tars and parquet files are a unit each)
     dtype: str = "fp32"  # encoder precision
+    latent_dtype: str = "fp32"  # what the shards store: fp32 | fp16
     device: str | None = None
     backend: str | None = None  # load_vae's: None is $SDVAE_BACKEND, else auto
     seed: int = 0  # seeds the random crops
     max_pixels: int | None = None
+    image_column: str = "image"  # parquet / datasets inputs
+    split: str = "train"  # a Hugging Face dataset's
+    claim_timeout: float = 600  # seconds after which a claim nobody touched is taken again (its worker died)
     overwrite: bool = False  # write into an --out that holds files sdvae did not write
 
     def __post_init__(self):
@@ -190,268 +181,288 @@ class CacheSettings:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop must be center or random, got {self.crop!r}")
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise ValueError(f"latent_dtype must be one of {', '.join(LATENT_DTYPES)}, got {self.latent_dtype!r}")
         dtype_name(self.dtype)
 
+    def keyed(self) -> dict:
+        """What the latents depend on, besides the encoder and the image: part of every unit's key."""
+        return dict(resolution=self.resolution, crop=self.crop, flip=self.flip, buckets=not self.no_buckets,
+                    dtype=dtype_name(self.dtype), latent_dtype=self.latent_dtype,
+                    seed=self.seed if self.crop == "random" else None, format=FORMAT)
+
+
+# ---- building ----------------------------------------------------------------------------------------------
 
 def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=None, progress: bool = True,
                 **flags) -> dict:
-    """Encode the images under `data` into the cache folder `out`, reusing what is cached there; returns the
-    report (also written to out/report.json). `vae` is a path or a loaded `VAECodec` (then `dtype` should name
-    its precision: it is part of the key); settings are a CacheSettings or its fields as keywords;
-    `on_shard(record)` is called after each shard is written."""
+    """Encode the units of `data` that `out` does not hold yet, sharing them with every other process that works
+    on `out`; returns this process's report. `vae` is a path or a loaded `VAECodec` (then `dtype` should name its
+    precision: it is part of the key). `on_shard(record)` is called after each shard is written."""
     from .codec import VAECodec, load_vae, require_weights
 
     s = dataclasses.replace(settings or CacheSettings(), **flags)
-    dtype = dtype_name(s.dtype)  # the name, as cache keys have it
-    sizes = bucket_sizes(s.resolution, not s.no_buckets)
-    data, out = Path(data), Path(out)
-    files = list_images(data)  # FileNotFoundError / ValueError (no images) before any model is loaded
-    overwrite = s.overwrite or earlier_cache(out)
+    out = Path(out)
+    refuse_old_cache(out)
+    units = list_units(data, s.shard_size, s.image_column, s.split)  # errors on missing / empty data come first
+    overwrite = s.overwrite or any((out / part).is_dir() for part in ("done", "claims"))  # a cache's, being built
     refuse_foreign_output(out, overwrite, whole=False)  # before the VAE loads; the folder is made once it has
-    workers = min(4, os.cpu_count() or 1) if s.num_workers is None else s.num_workers
     start = time.time()
-    codec = vae if isinstance(vae, VAECodec) else load_vae(
-        vae, s.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype, backend=s.backend)
+    codec = vae if isinstance(vae, VAECodec) else load_vae(vae, s.device or default_device(), s.dtype,
+                                                           backend=s.backend)
     require_weights(codec, "cache-latents")
     prepare_output_folder(out, "cache-latents", overwrite)
-    keyed = dict(resolution=s.resolution, crop=s.crop, flip=s.flip, buckets=not s.no_buckets, dtype=dtype,
-                 seed=s.seed if s.crop == "random" else None, format=FORMAT)
+    if not (out / "README.md").is_file():
+        atomic_write(out / "README.md", DATASET_CARD)
     vae_hash = encoder_hash(codec.model)
-    current, skipped = _keys(files, data, f"{vae_hash}|{json.dumps(keyed, sort_keys=True)}", workers)
-    with FolderLock(out, "cache-latents run"):  # two runs into one cache would replace each other's shards
-        shards, todo, reused, damaged = _reuse(out, current)
-        writer = _ShardWriter(out, dict(format=FORMAT, settings=keyed, vae_hash=vae_hash, shards=shards), on_shard)
+    cache_key = hashlib.sha256(f"{vae_hash}|{json.dumps(s.keyed(), sort_keys=True)}".encode()).hexdigest()
+    for folder in ("shards", "done"):
+        (out / folder).mkdir(exist_ok=True)
+    report = dict(units=len(units), encoded_units=0, reused_units=0, busy_units=0, encoded=0, skipped=0,
+                  skipped_files=[], damaged_shards=[], host=socket.gethostname(), pid=os.getpid())
+    todo = [u for u in in_my_order(units) if not is_done(out, u, cache_key, report)]
+    workers = min(4, os.cpu_count() or 1) if s.num_workers is None else s.num_workers
+    bar = tqdm(total=len(todo), desc="cache-latents", unit="shard", disable=not progress)
+    with Claims(out / "claims", s.claim_timeout) as claims, ThreadPoolExecutor(1) as writer, bar:
+        writing = None  # the writer thread writes one unit while the next is encoded
+        for unit in todo:
+            if not claims.claim(unit.name):
+                report["busy_units"] += 1
+                continue
+            if is_done(out, unit, cache_key):  # finished by another process after our first look
+                claims.release(unit.name)
+                continue
+            started = time.time()
+            rows, skipped, seconds = encode_unit(codec, unit, s, workers)
+            report["encoded"] += len(rows)
+            report["encoded_units"] += 1
+            if writing is not None:
+                writing.result()  # a failed write stops the run here, before another unit is written
+            writing = writer.submit(write_unit, out, unit, rows, skipped, cache_key, s, claims, on_shard, started)
+            bar.update(1)
+            bar.set_postfix(img_s=f"{len(rows) / max(seconds, 1e-9):.3g}")
+            report["skipped"] += len(skipped)
+            report["skipped_files"] += skipped[:1000]
+        if writing is not None:
+            writing.result()
+    report["seconds"] = round(time.time() - start, 2)
+    report["images_per_sec"] = round(report["encoded"] / report["seconds"], 3) if report["encoded"] else None
+    report["manifest"] = write_manifest_when_complete(out, units, cache_key, vae_hash, codec, s)
+    return report
 
-        # workers prepare the crops; here they are batched by bucket, encoded, and gathered into shards
-        keys = list(todo)  # identical files share a key and are encoded once
-        firsts = [current[todo[k][0]] for k in keys]
-        seeds = [seed_for(s.seed, int(digest[:15], 16)) for _, digest, _ in firsts]  # random crops follow the content
-        loader = DataLoader(_Crops([path for path, _, _ in firsts], seeds, sizes, s.crop == "random", s.max_pixels),
-                            batch_size=s.batch_size, num_workers=workers, collate_fn=_as_list,
-                            worker_init_fn=_one_thread)
-        bar = tqdm(total=len(keys), desc="cache-latents", unit="img", disable=not progress)
-        loop_start = time.time()
-        encoded, unreadable = _encode_into_shards(codec, loader, todo, keys, writer, s, bar)
-        skipped += unreadable
-        loop_seconds = time.time() - loop_start
 
-        report = dict(images=len(files), encoded=encoded, reused=reused, skipped=len(skipped),
-                      cached=sum(len(shard["entries"]) for shard in writer.index["shards"]),
-                      shards=len(writer.index["shards"]),
-                      damaged_shards=damaged, images_per_sec=round(encoded / loop_seconds, 3) if encoded else None,
-                      encode_seconds=round(loop_seconds, 2), seconds=round(time.time() - start, 2),
-                      settings=dict(keyed, batch_size=s.batch_size, num_workers=workers, shard_size=s.shard_size,
-                                    device=str(codec.device), data=str(data)),
-                      vae_hash=vae_hash, skipped_files=skipped)
-        atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
-        return report
+def default_device() -> str:
+    """cuda:LOCAL_RANK under torchrun / accelerate launch on GPUs: one GPU per process."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
-def earlier_cache(out: Path) -> bool:
-    """A cache written before sdvae recorded its outputs: its index.json (re-runs reuse what it lists)."""
+def in_my_order(units: list) -> list:
+    """Every process walks the same units from another starting point, so that they rarely meet at a claim:
+    ranks spread evenly, independent invocations by their pid."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    start = len(units) * rank // world if world > 1 else random.Random(os.getpid()).randrange(max(1, len(units)))
+    return units[start:] + units[:start]
+
+
+def refuse_old_cache(out: Path) -> None:
+    if (out / "index.json").is_file() and not (out / "done").is_dir():
+        raise ValueError(f"{printable(out)} is a latent cache of an earlier sdvae (index.json with safetensors "
+                         f"shards); this version writes parquet shards: run cache-latents into a new --out (the "
+                         f"images are encoded again), then delete the old folder")
+
+
+def is_done(out: Path, unit, cache_key: str, report: dict | None = None) -> bool:
+    """The unit's completion record says it was done with this key on this input, and its shard is there whole
+    (its size: the sha256 is checked by readers, and a rerun reads none of a finished unit's bytes)."""
     try:
-        return {"shards", "vae_hash"} <= set(json.loads((out / "index.json").read_text()))
-    except (OSError, ValueError, TypeError):
+        record = json.loads((out / "done" / f"{unit.name}.json").read_text())
+        size = (out / record["file"]).stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+    if record.get("cache_key") != cache_key or record.get("fingerprint") != unit.fingerprint:
+        return False
+    if size != record.get("bytes"):
+        if report is not None:
+            report["damaged_shards"].append(dict(file=record["file"], reason=f"{size} bytes, recorded {record['bytes']}"))
+        return False
+    if report is not None:
+        report["reused_units"] += 1
+    return True
+
+# ---- encoding one unit ------------------------------------------------------------------------------------
+
+class _UnitCrops(IterableDataset):
+    """One unit's images decoded, resized and cropped in loader workers (each takes every k-th image) while the
+    main process encodes. Reading problems (sdvae.inputs) and undecodable images come back as error items."""
+
+    def __init__(self, unit, buckets, random_crop: bool, seed: int, max_pixels, image_column: str):
+        self.unit, self.buckets, self.random_crop, self.seed = unit, buckets, random_crop, seed
+        self.max_pixels, self.image_column = max_pixels, image_column
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        read_skips = []
+        for i, sample in enumerate(read_unit(self.unit, read_skips, self.image_column)):
+            if i % workers == worker:
+                yield self.crop(sample)
+        if worker == 0:  # every worker reads the unit; one reports what could not be read
+            yield from (dict(key=item["key"], error=item["reason"]) for item in read_skips)
+
+    def crop(self, sample) -> dict:
+        digest = hashlib.sha256(sample.data).hexdigest()
+        try:
+            image = open_image(sample.data, self.max_pixels)  # RGB as a viewer shows it (EXIF rotation applied)
+            seed = seed_for(self.seed, int(digest[:15], 16))  # random crops follow the content
+            plan = plan_crop(image.size, nearest_bucket(image.size, self.buckets), self.random_crop, seed)
+            image = image.resize(plan["resized_size"], Image.Resampling.LANCZOS).crop(plan["crop_box"])
+        except Exception as e:  # truncated, empty, not an image: skipped and reported, never the end of the run
+            return dict(key=sample.key, error=describe_error(e))
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8: a quarter of fp32 between processes
+        return dict(key=sample.key, sha256=digest, pixels=pixels, **plan)
 
 
-def _encode_into_shards(codec, loader, todo: dict, keys: list, writer, s: CacheSettings, bar) -> tuple[int, list]:
-    """The workers' crops, batched by bucket, encoded and gathered into shards: (images encoded, unreadable)."""
-    pending, rows = defaultdict(list), defaultdict(list)  # bucket -> crops to encode / encoded rows
-    unreadable, encoded = [], 0
+def _as_list(items):
+    return items
+
+
+def _one_thread(_worker_id):
+    torch.set_num_threads(1)  # the workers only decode and resize; the encoder keeps the cores
+
+
+def encode_unit(codec, unit, s: CacheSettings, workers: int) -> tuple[list, list, float]:
+    """(rows sorted by key, skipped dict(key, reason), seconds): the same rows whatever the workers and order."""
+    started = time.time()
+    crops = _UnitCrops(unit, bucket_sizes(s.resolution, not s.no_buckets), s.crop == "random", s.seed,
+                       s.max_pixels, s.image_column)
+    loader = DataLoader(crops, batch_size=s.batch_size, num_workers=workers, collate_fn=_as_list,
+                        worker_init_fn=_one_thread)
+    pending, rows, skipped = defaultdict(list), [], []
 
     def encode(bucket):
         items, pending[bucket] = pending[bucket], []
         x = pixels_to_tensor(torch.stack([it.pop("pixels") for it in items]))  # rows keep only metadata
         mean, std = codec.posterior(torch.cat([x, x.flip(-1)]) if s.flip else x)
         for j, it in enumerate(items):
-            it["paths"], it["key"] = todo[keys[it["index"]]], keys[it["index"]]
-            tensors = dict(mean=mean[j], std=std[j])
+            it.update(mean=mean[j], std=std[j])
             if s.flip:  # the mirrored crop's own latents (mirroring the latents would not give them)
-                tensors.update(mean_flipped=mean[len(items) + j], std_flipped=std[len(items) + j])
-            rows[bucket].append((it, tensors))
-        bar.update(len(items))
-        while len(rows[bucket]) >= s.shard_size:
-            writer.write(bucket, rows[bucket][:s.shard_size])
-            rows[bucket] = rows[bucket][s.shard_size:]
+                it.update(mean_flipped=mean[len(items) + j], std_flipped=std[len(items) + j])
+            rows.append(it)
 
-    with bar:
-        for items in loader:
-            for it in items:
-                if "error" in it:
-                    unreadable += [dict(path=rel, reason=it["error"]) for rel in todo[keys[it["index"]]]]
-                    bar.update(1)
-                    continue
-                pending[it["bucket"]].append(it)
-                encoded += 1
-                if len(pending[it["bucket"]]) == s.batch_size:
-                    encode(it["bucket"])
-        for bucket in [b for b in pending if pending[b]]:
-            encode(bucket)
-        for bucket in [b for b in rows if rows[b]]:
-            writer.write(bucket, rows[bucket])
-    return encoded, unreadable
+    for items in loader:
+        for it in items:
+            if "error" in it:
+                skipped.append(dict(key=it["key"], reason=it["error"]))
+                continue
+            pending[it["bucket"]].append(it)
+            if len(pending[it["bucket"]]) == s.batch_size:
+                encode(it["bucket"])
+    for bucket in [b for b in pending if pending[b]]:
+        encode(bucket)
+    return sorted(rows, key=lambda r: r["key"]), sorted(skipped, key=lambda r: r["key"]), time.time() - started
 
 
-def _keys(files: list[Path], data: Path, salt: str, threads: int) -> tuple[dict, list]:
-    """relative path -> (file, content sha256, key); files that cannot even be read are skipped."""
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL on large reads
-        digests = list(pool.map(_try_sha256, files))
-    current, skipped = {}, []
-    for path, digest in zip(files, digests):
-        rel = path.relative_to(data).as_posix()
-        if digest.startswith("error:"):
-            skipped.append(dict(path=rel, reason=digest[6:]))
-        else:
-            current[rel] = (path, digest, hashlib.sha256(f"{digest}|{salt}".encode()).hexdigest())
-    return current, skipped
+# ---- writing -----------------------------------------------------------------------------------------------
+
+LATENT_COLUMNS = ("mean", "std", "mean_flipped", "std_flipped")
 
 
-def _try_sha256(path) -> str:
-    try:
-        return file_sha256(path)
-    except OSError as e:
-        return f"error:{type(e).__name__}: {e}"
+def shard_table(rows: list, s: CacheSettings) -> pa.Table:
+    """The rows as an arrow table whose schema is the same for every shard of a cache (empty ones too)."""
+    dtype = LATENT_DTYPES[s.latent_dtype]
+    value = pa.float16() if dtype == np.float16 else pa.float32()
+    pair = pa.list_(pa.int32(), 2)
+    columns = {"key": pa.array([r["key"] for r in rows], pa.string()),
+               "sha256": pa.array([r["sha256"] for r in rows], pa.string())}
+    for name in ("bucket", "original_size", "resized_size"):
+        columns[name] = pa.array([list(r[name]) for r in rows], pair)
+    columns["crop_box"] = pa.array([list(r["crop_box"]) for r in rows], pa.list_(pa.int32(), 4))
+    columns["crop_box_original"] = pa.array([list(r["crop_box_original"]) for r in rows], pa.list_(pa.float64(), 4))
+    for name in LATENT_COLUMNS[:4 if s.flip else 2]:
+        columns[name] = nested_lists([r[name].cpu().numpy().astype(dtype) for r in rows], value)
+    return pa.table(columns)
 
 
-def _reuse(out: Path, current: dict) -> tuple[list, dict, int, list]:
-    """What `out` already holds for the current files: the shard records to keep (listing only the current
-    paths), the keys still to encode (key -> paths), how many files are reused, and the damaged shards."""
-    index = out / "index.json"
-    old = json.loads(index.read_text()) if index.is_file() else {"shards": []}
-    found, damaged = {}, []  # key -> (shard record, row metadata)
-    for shard in old["shards"]:
-        problem = _check_shard(out, shard)
-        if problem:
-            log.warning("shard %s is damaged (%s): its images are encoded again", shard["file"], problem)
-            damaged.append(dict(file=shard["file"], reason=problem))
-            continue
-        for entry in shard["entries"]:
-            found.setdefault(entry["key"], (shard, {k: v for k, v in entry.items() if k != "path"}))
-    kept, todo, reused = {}, {}, 0
-    for rel, (_, _, key) in current.items():
-        if key in found:  # also a renamed or copied file: the key is the content's, not the name's
-            shard, entry = found[key]
-            kept.setdefault(shard["file"], {**shard, "entries": []})["entries"].append(dict(path=rel, **entry))
-            reused += 1
-        else:
-            todo.setdefault(key, []).append(rel)
-    return list(kept.values()), todo, reused, damaged
+def nested_lists(arrays: list[np.ndarray], value_type) -> pa.Array:
+    """(C, h, w) arrays (shapes may differ between rows) -> list<list<list<value>>>: what `datasets` reads back as
+    nested lists of that shape, with no sdvae code."""
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
+    rows = pa.array(flat, value_type)
+    for axis in (2, 1, 0):  # innermost lists (of w values) first
+        lengths = [a.shape[axis] for a in arrays for _ in range(int(np.prod(a.shape[:axis])))]
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+        rows = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), rows)
+    return rows
 
 
-class _ShardWriter:
-    """Writes shards and keeps index.json in step: an entry is listed only once its shard is complete on disk."""
-
-    def __init__(self, out: Path, index: dict, on_shard=None):
-        self.out, self.index, self.on_shard = out, index, on_shard
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        self.write_index()  # stale entries and damaged shards leave the index before anything else is written
-        referenced = {Path(s["file"]).name for s in index["shards"]}
-        for path in (out / "shards").iterdir():  # their files go too, and any half-written temp file
-            if path.is_file() and path.name not in referenced:
-                path.unlink()
-        self.next = max((int(Path(s["file"]).stem.split("-")[1]) for s in index["shards"]), default=-1) + 1
-
-    def write_index(self):
-        atomic_write(self.out / "index.json", json.dumps(self.index, indent=1).encode())
-
-    def write(self, bucket: tuple[int, int], rows: list):
-        name = f"shards/shard-{self.next:05d}.safetensors"
-        self.next += 1
-        tensors = {k: torch.stack([t[k] for _, t in rows]).cpu().contiguous() for k in rows[0][1]}
-        meta = dict(format=f"sdvae-latent-cache-{FORMAT}", bucket=f"{bucket[0]}x{bucket[1]}",
-                    keys=json.dumps([it["key"] for it, _ in rows]))  # a shard names its rows by itself too
-        blob = safetensors_bytes(tensors, metadata=meta)
-        atomic_write(self.out / name, blob)
-        boxes = ("original_size", "resized_size", "crop_box", "crop_box_original")
-        entries = [dict(path=rel, key=it["key"], row=row, **{k: list(it[k]) for k in boxes})
-                   for row, (it, _) in enumerate(rows) for rel in it["paths"]]
-        record = dict(file=name, sha256=hashlib.sha256(blob).hexdigest(), bucket=list(bucket), rows=len(rows),
-                      entries=entries)
-        self.index["shards"].append(record)
-        self.write_index()
-        if self.on_shard:
-            self.on_shard(record)
+def write_unit(out: Path, unit, rows: list, skipped: list, cache_key: str, s: CacheSettings, claims: Claims,
+               on_shard, started: float) -> dict:
+    """The shard, then its completion record, then the claim's release: a unit is done only once both are whole
+    on disk (a kill in between leaves it to be done again)."""
+    buffer = io.BytesIO()
+    pq.write_table(shard_table(rows, s), buffer, compression="zstd")
+    blob = buffer.getvalue()
+    name = f"shards/{unit.name}.parquet"
+    atomic_write(out / name, blob)
+    buckets = defaultdict(int)
+    for r in rows:
+        buckets[f"{r['bucket'][0]}x{r['bucket'][1]}"] += 1
+    record = dict(unit=unit.name, kind=unit.kind, fingerprint=unit.fingerprint, cache_key=cache_key, file=name,
+                  sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob), rows=len(rows), buckets=dict(buckets),
+                  skipped=skipped, host=socket.gethostname(), pid=os.getpid(), started=started, finished=time.time())
+    atomic_json(out / "done" / f"{unit.name}.json", record)
+    claims.release(unit.name)
+    if on_shard:
+        on_shard(record)
+    return record
 
 
-# ---- loading -----------------------------------------------------------------------------------------------
-
-class LatentCache(Dataset):
-    """A cache folder as a torch Dataset, one item per image (sorted by path):
-
-        mean, std                    (C, h, w) fp32 tensors, unscaled: scale as your diffusion model expects
-        mean_flipped, std_flipped    those of the mirrored crop, when the cache was built with --flip
-        path, key, bucket (W, H), original_size (W, H), resized_size, crop_box (in the resized image),
-        crop_box_original (in the original image's pixels)
-
-    Items of different buckets have different shapes: batch with `bucket_batches`. Shards are checked against
-    their sha256 when opened (`verify=False` skips the check); a mismatch is a ValueError naming the shard.
-    """
-
-    def __init__(self, path, verify: bool = True):
-        self.root = Path(path)
-        if not (self.root / "index.json").is_file():
-            raise FileNotFoundError(f"no latent cache in {self.root} (index.json missing); "
-                                    f"build one with `sdvae cache-latents`")
-        self.index = json.loads((self.root / "index.json").read_text())
-        for shard in self.index["shards"] if verify else []:
-            problem = _check_shard(self.root, shard)
-            if problem:
-                raise ValueError(f"latent cache shard {self.root / shard['file']} is damaged ({problem}); "
-                                 f"run sdvae cache-latents again to re-encode its images")
-        self.rows = sorted(((shard, entry) for shard in self.index["shards"] for entry in shard["entries"]),
-                           key=lambda r: r[1]["path"])
-        self._open = {}  # shard file -> safe_open handle, opened lazily in each process (memory-mapped)
-
-    def __getstate__(self):  # DataLoader workers open their own handles
-        return {**self.__dict__, "_open": {}}
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i) -> dict:
-        shard, entry = self.rows[i]
-        if shard["file"] not in self._open:
-            self._open[shard["file"]] = safe_open(str(self.root / shard["file"]), "pt")
-        f = self._open[shard["file"]]
-        item = {name: f.get_slice(name)[entry["row"]] for name in f.keys()}
-        item.update(path=entry["path"], key=entry["key"], bucket=tuple(shard["bucket"]))
-        item.update({k: tuple(entry[k]) for k in ("original_size", "resized_size", "crop_box", "crop_box_original")})
-        return item
-
-    @staticmethod
-    def sample(item: dict, generator: torch.Generator | None = None, flipped: bool = False) -> torch.Tensor:
-        """A draw z = mean + std * eps from the posterior (unscaled), eps from `generator`."""
-        mean, std = (item["mean_flipped"], item["std_flipped"]) if flipped else (item["mean"], item["std"])
-        return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-
-    def bucket_batches(self, batch_size: int, seed: int = 0, epoch: int = 0, drop_last: bool = False) -> list:
-        """Index batches that each hold one bucket, shuffled by (seed, epoch):
-        `DataLoader(cache, batch_sampler=cache.bucket_batches(16, seed, epoch))`."""
-        rng = random.Random(seed_for(seed, epoch))
-        by_bucket = defaultdict(list)
-        for i, (shard, _) in enumerate(self.rows):
-            by_bucket[tuple(shard["bucket"])].append(i)
-        batches = []
-        for bucket in sorted(by_bucket):
-            indices = by_bucket[bucket]
-            rng.shuffle(indices)
-            batches += [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)
-                        if not drop_last or k + batch_size <= len(indices)]
-        rng.shuffle(batches)
-        return batches
-
-    def to_hf_dataset(self):
-        """The same rows as a Hugging Face `datasets.Dataset` (in memory, torch format)."""
-        import datasets
-
-        columns = defaultdict(list)
-        for i in range(len(self)):
-            for name, value in self[i].items():
-                columns[name].append(value.numpy() if isinstance(value, torch.Tensor) else
-                                     list(value) if isinstance(value, tuple) else value)
-        return datasets.Dataset.from_dict(dict(columns)).with_format("torch")
+def write_manifest_when_complete(out: Path, units: list, cache_key: str, vae_hash: str, codec, s: CacheSettings):
+    """When every unit is done (by whichever processes), the manifest, written by each process that sees it so
+    (the same content): format, VAE, factors, settings, every shard; shards of units no longer in the input are
+    removed (sdvae wrote them). Returns the manifest, or None while units are left to others."""
+    records = []
+    for unit in units:
+        try:
+            record = json.loads((out / "done" / f"{unit.name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("cache_key") != cache_key or record.get("fingerprint") != unit.fingerprint:
+            return None
+        records.append(record)
+    current = {f"{u.name}.parquet" for u in units}
+    for old in (out / "shards").glob("*.parquet"):
+        if old.name not in current:
+            old.unlink()
+            (out / "done" / f"{old.stem}.json").unlink(missing_ok=True)
+    config = codec.model.config
+    factors = {k: config.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+               if config.get(k) is not None}
+    manifest = dict(format=FORMAT, written_by="sdvae cache-latents", vae_hash=vae_hash, cache_key=cache_key,
+                    latent_channels=config.latent_channels, factors=factors,
+                    settings=dict(s.keyed(), shard_size=s.shard_size, image_column=s.image_column, split=s.split),
+                    images=sum(r["rows"] for r in records), skipped=sum(len(r["skipped"]) for r in records),
+                    shards=[{k: r[k] for k in ("unit", "file", "sha256", "bytes", "rows", "buckets")} for r in records])
+    atomic_json(out / "manifest.json", manifest)
+    atomic_write(out / "README.md", dataset_card(manifest))
+    return manifest
 
 
-def load_cache_as_hf_dataset(path, verify: bool = True):
-    return LatentCache(path, verify).to_hf_dataset()
+def dataset_card(manifest: dict) -> str:
+    """The complete cache's card: what it holds and how to read it, with the factors a diffusion trainer needs."""
+    factors = ", ".join(f"`{k}` {v}" for k, v in manifest["factors"].items())
+    settings = ", ".join(f"{k} {v}" for k, v in manifest["settings"].items())
+    return DATASET_CARD + f"""
+## This cache
+
+{manifest['images']} images in {len(manifest['shards'])} shards ({manifest['skipped']} unreadable inputs skipped,
+each named in `done/<shard>.json`), {manifest['latent_channels']} latent channels. Encoder fingerprint (sha256 of
+its weights and config): `{manifest['vae_hash']}`. Factors: {factors}. Settings: {settings}.
+
+```python
+import datasets
+rows = datasets.load_dataset("<this repo or folder>", streaming=True, split="train")
+```
+"""

@@ -150,9 +150,10 @@ def add_publish(command, parents) -> None:
     """sdvae publish: a model card, the diffusers files and the single file, uploaded to the Hugging Face hub."""
     vae, device, images, overwrite = parents
     publish = command("publish", run_publish, [overwrite],
-                      help="stage a run as a Hugging Face model repo (model card, diffusers files, single file) and "
-                           "upload it")
-    publish.add_argument("source", metavar="RUN", help="run folder (or any VAE sdvae loads)")
+                      help="stage a run as a Hugging Face model repo (model card, diffusers files, single file), or "
+                           "a latent cache as a dataset repo, and upload it")
+    publish.add_argument("source", metavar="RUN", help="run folder (or any VAE sdvae loads), or a latent cache "
+                                                       "(sdvae cache-latents --out), which goes up as a dataset repo")
     publish.add_argument("--repo-id", required=True, help="owner/name on the Hugging Face hub")
     publish.add_argument("--private", action="store_true")
     publish.add_argument("--license", default="apache-2.0", help="the card's license (default apache-2.0)")
@@ -195,12 +196,18 @@ def add_cache(command, parents) -> None:
     """sdvae cache-latents: a resumable latent cache."""
     vae, device, images, overwrite = parents
     cache = command("cache-latents", run_cache, [vae, device, images, overwrite],
-                    help="encode an image folder once into a resumable latent cache for diffusion training",
+                    help="encode images once into a resumable latent cache for diffusion training (one process or "
+                         "many: torchrun, accelerate launch, a Slurm array)",
                     description="Resize and crop each image to an aspect-ratio bucket and store the VAE posterior's "
-                                "mean and std (unscaled) in safetensors shards with an index; re-running reuses what "
-                                "is cached and encodes only new or changed images. Load with "
-                                "sdvae.cache.LatentCache.")
-    cache.add_argument("--data", required=True, help="image folder (searched recursively)")
+                                "mean and std (unscaled) in parquet shards, one per input shard, that "
+                                "datasets.load_dataset(OUT, streaming=True) reads; sdvae.cache_reader.LatentShards "
+                                "streams them. Every process started on one --out (torchrun / accelerate launch "
+                                "ranks, Slurm array tasks, other machines) takes input shards nobody has done; "
+                                "running the command again does only what is left or changed.")
+    cache.add_argument("--data", required=True, nargs="+",
+                       help="an image folder (searched recursively; slices of --shard-size images), webdataset tar "
+                            "shards (a brace pattern 'shards/{00000..00099}.tar', a glob or several paths), parquet "
+                            "files or a folder of them, a save_to_disk folder, or a Hugging Face dataset name")
     cache.add_argument("--out", required=True, help="cache folder")
     cache.add_argument("--resolution", type=int, default=256, help="buckets of about resolution² pixels (default 256)")
     cache.add_argument("--crop", default="center", choices=["center", "random"])
@@ -208,7 +215,15 @@ def add_cache(command, parents) -> None:
     cache.add_argument("--no-buckets", action="store_true", help="one square bucket, resolution x resolution")
     cache.add_argument("--batch-size", type=int, default=8)
     cache.add_argument("--num-workers", type=int, default=None, help="loader processes (default: min(4, CPUs))")
-    cache.add_argument("--shard-size", type=int, default=1024, help="images per shard")
+    cache.add_argument("--shard-size", type=int, default=1024,
+                       help="images per input unit of a folder (each tar or parquet file is a unit; default 1024)")
+    cache.add_argument("--latent-dtype", default="fp32", choices=["fp32", "fp16"],
+                       help="what the shards store (fp16: half the size; its error is in the README)")
+    cache.add_argument("--image-column", default="image", help="the image column of parquet files and datasets")
+    cache.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
+    cache.add_argument("--claim-timeout", type=float, default=600,
+                       help="seconds after which a unit whose worker stopped touching its claim is taken again "
+                            "(a dead worker on this host is noticed at once; default 600)")
     cache.add_argument("--seed", type=int, default=0, help="seeds the random crops")
 
 
@@ -372,7 +387,17 @@ def run_onnx_export(vae, args) -> int:
 
 
 def run_publish(args) -> int:
-    from .publish import publish, stage
+    from .publish import is_latent_cache, publish, stage, stage_cache
+
+    if is_latent_cache(args.source):  # a latent cache goes up as a dataset repo, as it is
+        folder = stage_cache(args.source, args.repo_id)
+        if args.dry_run:
+            print(f"dry run: {printable(folder)} is ready as the dataset repo {args.repo_id} (README.md, manifest.json, "
+                  f"shards/, done/); nothing uploaded")
+            return 0
+        print(f"uploaded {printable(folder)} to https://huggingface.co/datasets/{args.repo_id}: "
+              f"{publish(folder, args.repo_id, args.private, repo_type='dataset')}")
+        return 0
 
     if not args.out and not Path(args.source).is_dir():  # RUN/publish only makes sense for a folder
         raise ValueError(f"{printable(args.source)} is not a folder: give --out, the folder to stage the repo in")
@@ -445,16 +470,25 @@ def run_codec(args) -> int:
 def run_cache(args) -> int:
     from .cache import CacheSettings, build_cache
 
-    report = build_cache(args.vae, args.data, args.out, from_flags(CacheSettings, args))
+    data = args.data[0] if len(args.data) == 1 else args.data
+    report = build_cache(args.vae, data, args.out, from_flags(CacheSettings, args))
     for item in report["skipped_files"][:20]:
-        print(f"skipped {printable(item['path'])}: {item['reason']}", file=sys.stderr)
+        print(f"skipped {printable(item['key'])}: {item['reason']}", file=sys.stderr)
     for shard in report["damaged_shards"]:
         print(f"damaged shard {shard['file']} ({shard['reason']}): its images were encoded again", file=sys.stderr)
-    if not report["cached"]:  # README: "no images at all is an error"
-        raise ValueError(f"no readable images in {args.data} ({report['skipped']} unreadable files, listed above)")
     speed = f" ({report['images_per_sec']} images/s)" if report["encoded"] else ""
-    print(f"{report['cached']} images cached in {args.out}: {report['encoded']} encoded{speed}, "
-          f"{report['reused']} reused, {report['skipped']} unreadable skipped (listed in {args.out}/report.json)")
+    print(f"{printable(args.out)}: {report['encoded_units']} of {report['units']} input shards encoded here "
+          f"({report['encoded']} images{speed}, {report['skipped']} unreadable skipped), {report['reused_units']} "
+          f"done before, {report['busy_units']} being encoded by other processes")
+    manifest = report["manifest"]
+    if manifest is None:
+        print("the cache is complete once the other processes finish (the last one writes manifest.json)")
+    elif not manifest["images"]:  # README: "no images at all is an error"
+        raise ValueError(f"no readable images in {data} ({manifest['skipped']} unreadable, listed in "
+                         f"{printable(args.out)}/done/*.json)")
+    else:
+        print(f"complete: {manifest['images']} images in {len(manifest['shards'])} shards, {manifest['skipped']} "
+              f"skipped (each shard's in done/<shard>.json); manifest.json written")
     return 0
 
 

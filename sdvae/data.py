@@ -6,14 +6,17 @@ over max_pixels) is skipped and counted, never a crash: the dataset returns None
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import random
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, resize_crop
+from .inputs import SAVED_DATASET_MARKERS, list_images, list_units, read_unit
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +65,6 @@ class ImageTransform:
         left, top = (int(torch.randint(n - side + 1, (1,), generator=rng)) for n in image.size)
         return image.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC,
                             box=(left, top, left + side, top + side))
-
-
-def list_images(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ValueError(f"no images in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
 
 
 class _ImageSource(Dataset):
@@ -202,10 +195,58 @@ class HFStreamingImageDataset(IterableDataset):
             yield _load(row[self.column], f"{self.column}[{i}]", self.transform, i)
 
 
+class ShardImageDataset(IterableDataset):
+    """webdataset tar shards (sdvae.inputs reads them), unit after unit in an order shuffled per epoch; each loader
+    worker reads its own units, and images are shuffled within a buffer. Accelerate hands the batches to the
+    processes, as for streamed `datasets`."""
+
+    def __init__(self, units: list, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0,
+                 max_pixels=None, buffer: int = 256):
+        self.units, self.column, self.seed, self.buffer = units, image_column, seed, buffer
+        self.transform = ImageTransform(resolution, random_flip, random_crop, seed, max_pixels)
+
+    def set_epoch(self, epoch: int):
+        self.transform.epoch = epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(seed_for(self.seed, self.transform.epoch, worker))
+        units = list(self.units)
+        random.Random(seed_for(self.seed, self.transform.epoch)).shuffle(units)
+        pending = []
+        for unit in units[worker::workers]:
+            skipped = []
+            for sample in read_unit(unit, skipped, self.column):
+                pending.append(sample)
+                if len(pending) >= self.buffer:
+                    yield self.load(pending.pop(rng.randrange(len(pending))))
+            yield from (_skipped_item(item["key"], item["reason"]) for item in skipped)
+        rng.shuffle(pending)
+        yield from map(self.load, pending)
+
+    def load(self, sample) -> dict:
+        index = int(hashlib.sha256(sample.key.encode()).hexdigest()[:15], 16)  # crops follow the image, not its turn
+        return _load(sample.data, sample.key, self.transform, index)
+
+
+def _skipped_item(name: str, reason: str) -> dict:
+    return {"pixel_values": None, "name": name, "error": reason}
+
+
+def is_shard_pattern(data: str) -> bool:
+    """webdataset tar shards: a path, brace pattern or glob of .tar files."""
+    return str(data).rstrip("/").endswith(".tar")
+
+
 def build_dataset(data: str, resolution: int, image_column: str = "image", split: str = "train",
                   streaming: bool = False, random_flip: bool = True, random_crop: bool = True, seed: int = 0,
                   max_pixels: int | None = None):
-    """A folder of images, or a `datasets` dataset by hub name or local path. Errors early on empty input."""
+    """A folder of images, webdataset tar shards, or a `datasets` dataset by hub name or local path. Errors early on
+    empty input."""
+    if is_shard_pattern(data):
+        return ShardImageDataset(list_units(data, image_column=image_column, split=split), image_column, resolution,
+                                 random_flip, random_crop, seed, max_pixels)
     path = Path(data)
     if path.is_dir() and not _looks_like_hf_dataset(path):
         return ImageFolder(path, resolution, random_flip, random_crop, seed, max_pixels)
@@ -232,11 +273,9 @@ def build_dataset(data: str, resolution: int, image_column: str = "image", split
     return HFImageDataset(dataset, image_column, resolution, random_flip, random_crop, seed, max_pixels)
 
 
-SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
 def _looks_like_hf_dataset(path: Path) -> bool:
-    return any((path / m).exists() for m in SAVED_DATASET_MARKERS) or any(path.glob("*.parquet"))
+    return (any((path / m).exists() for m in SAVED_DATASET_MARKERS) or any(path.glob("*.parquet"))
+            or any(path.glob("data/**/*.parquet")))  # the hub's layout
 
 
 def collate(items):

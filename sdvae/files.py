@@ -92,7 +92,9 @@ def output_folder_is_ours(folder: Path, whole: bool) -> bool:
     """A folder sdvae may write into (whole=False) or replace (whole=True): empty, or holding our record; to be
     replaced, also nothing but what the record lists (a file added later would be lost)."""
     entries = {p.name for p in folder.iterdir()}
-    if not entries - {LOCK_NAME} or not whole and LOCK_NAME in entries:  # the lock: a run or cache of ours
+    if not entries - {LOCK_NAME, f".{OUTPUT_RECORD}.tmp"}:  # empty, or another process of ours just starting
+        return True
+    if not whole and LOCK_NAME in entries:  # the lock: a run or cache of ours
         return True
     try:
         record = json.loads((folder / OUTPUT_RECORD).read_text())

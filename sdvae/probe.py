@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from . import denoiser as dn
 from .checkpoints import _safetensors_problem, _zip_problem
 from .config import SEEDS, above, at_least, check_ranges
-from .data import list_images, seed_for
+from .data import seed_for
+from .inputs import list_images
 from .diagnostics import (downsample_images, equivariance, high_frequency_fraction, latent_statistics,
                           noise_robustness, radial_profile)
 from .files import (LOCK_NAME, FolderLock, atomic_folder, atomic_json, atomic_write, prepare_output_folder, printable,
@@ -190,18 +191,21 @@ def load_heldout(sources, s: ProbeSettings) -> dict:
 
 def train_latents(codec, name: str, train_data: dict, s: ProbeSettings, out: Path) -> dict:
     """The training images' posterior means and stds (N, C, h, w), raw, with the mirrored crops as more rows.
-    Folders go through the latent cache (<out>/latents/<name>: encoded once, reused when the probe runs again)."""
-    from .cache import CacheSettings, LatentCache, build_cache
+    Folders go through the latent cache (<out>/latent-shards/<name>: encoded once, reused when the probe runs again)."""
+    from .cache import CacheSettings, build_cache
+    from .cache_reader import LatentShards
     from .evaluate import batches, image_sources
 
     data = Path(train_data["data"])
     if is_image_folder(data):
-        cache_dir = out / "latents" / name
+        cache_dir = out / "latent-shards" / name  # (latents/: the index.json caches of earlier versions)
         build_cache(codec, data, cache_dir, CacheSettings(resolution=s.resolution, no_buckets=True, flip=True,
                                                           dtype=s.dtype, num_workers=s.num_workers,
-                                                          max_pixels=s.max_pixels, overwrite=s.overwrite))
-        cache = LatentCache(cache_dir)
-        items = [cache[i] for i in range(len(cache)) if cache.rows[i][1]["path"] not in train_data["leave_out"]]
+                                                          max_pixels=s.max_pixels, overwrite=s.overwrite),
+                    progress=False)
+        # keys are "<unit>/<path relative to the folder>"
+        items = [it for it in LatentShards(cache_dir, rank=0, world_size=1)
+                 if it["key"].split("/", 1)[1] not in train_data["leave_out"]]
         means = [it[k] for it in items for k in ("mean", "mean_flipped")]
         stds = [it[k] for it in items for k in ("std", "std_flipped")]
     else:

@@ -23,6 +23,7 @@ import yaml
 from huggingface_hub import HfApi
 from PIL import Image
 
+from .cache_reader import read_manifest
 from .config import read_config_file
 from .export import save_diffusers, save_single_file, save_taesd, taesd_incompatibility, ui_incompatibility
 from .files import LOCK_NAME, OUTPUT_RECORD, describe_error, output_folder, printable, refuse_foreign_output
@@ -351,15 +352,32 @@ def results(files: RunFiles) -> list:
     return lines
 
 
-def publish(folder: Path, repo_id: str, private: bool) -> str:
+def is_latent_cache(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file() or (Path(path) / "done").is_dir()
+
+
+def stage_cache(cache: str | Path, repo_id: str) -> Path:
+    """A complete latent cache (sdvae cache-latents) is a dataset repo as it is: its card names the parquet shards
+    for `datasets.load_dataset`. Only its claims and sdvae's bookkeeping stay behind."""
+    check_repo_id(repo_id)
+    read_manifest(cache)  # an incomplete or older cache is one error saying what to do
+    return Path(cache)
+
+
+CACHE_NOT_UPLOADED = [*NOT_UPLOADED, "claims/*", ".*"]
+
+
+def publish(folder: Path, repo_id: str, private: bool, repo_type: str = "model") -> str:
     """Upload the staged folder; one error line that says where the folder is when the hub cannot be reached."""
     api = HfApi()
+    ignored = CACHE_NOT_UPLOADED if repo_type == "dataset" else NOT_UPLOADED
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message="Upload VAE with sdvae publish", ignore_patterns=NOT_UPLOADED)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                                   commit_message="Upload with sdvae publish", ignore_patterns=ignored)
     except Exception as e:  # no network, no token, no permission: all end with the staged folder kept
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        kind = " --repo-type dataset" if repo_type == "dataset" else ""
         raise ConnectionError(f"upload to {repo_id} failed ({first}); the staged folder is {folder}: upload it "
-                              f"later with `huggingface-cli upload {repo_id} {folder}`") from None
+                              f"later with `huggingface-cli upload{kind} {repo_id} {folder}`") from None
     return str(getattr(commit, "commit_url", commit))

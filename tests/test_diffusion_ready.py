@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from sdvae.cache import LatentCache
+from sdvae.cache_reader import LatentShards
 from sdvae.cli import main
 from sdvae.config import load_config
 from sdvae.equivariance import Equivariance, Transform
@@ -142,7 +142,7 @@ def test_tiny_16ch_goes_through_single_file_eval_and_the_latent_cache(tmp_path, 
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert main(["cache-latents", "--vae", str(tmp_path / "tiny16.safetensors"), "--data", str(photos), "--out",
                  str(tmp_path / "cache"), "--resolution", "64", "--num-workers", "0"]) == 0
-    assert LatentCache(tmp_path / "cache")[0]["mean"].shape[0] == 16
+    assert next(iter(LatentShards(tmp_path / "cache")))["mean"].shape[0] == 16
 
 
 def test_factors_written_at_the_end_equal_sdvae_stats(tmp_path, photos, capsys):

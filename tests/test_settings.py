@@ -186,7 +186,7 @@ def test_cache_latents_refuses_a_foreign_folder_and_reuses_its_own(tmp_path, vae
     first = build_cache(str(vae_dir), photos, own, resolution=32, num_workers=0, progress=False)
     (own / OUTPUT_RECORD).unlink()  # a cache an sdvae without output records wrote
     again = build_cache(str(vae_dir), photos, own, resolution=32, num_workers=0, progress=False)
-    assert again["reused"] == first["encoded"] and again["encoded"] == 0
+    assert again["reused_units"] == first["encoded_units"] and again["encoded"] == 0
 
 
 def test_probe_refuses_a_foreign_folder_and_knows_its_own(tmp_path, vae_dir):
