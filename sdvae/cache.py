@@ -195,10 +195,11 @@ class CacheSettings:
 # ---- building ----------------------------------------------------------------------------------------------
 
 def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=None, progress: bool = True,
-                **flags) -> dict:
+                only: list[str] | None = None, **flags) -> dict:
     """Encode the units of `data` that `out` does not hold yet, sharing them with every other process that works
     on `out`; returns this process's report. `vae` is a path or a loaded `VAECodec` (then `dtype` should name its
-    precision: it is part of the key). `on_shard(record)` is called after each shard is written."""
+    precision: it is part of the key). `on_shard(record)` is called after each shard is written. `only`: the
+    names of the units this call may take (an engine that hands units out, sdvae.cache_ray)."""
     from .codec import VAECodec, load_vae, require_weights
 
     s = dataclasses.replace(settings or CacheSettings(), **flags)
@@ -220,17 +221,21 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
         (out / folder).mkdir(exist_ok=True)
     report = dict(units=len(units), encoded_units=0, reused_units=0, busy_units=0, encoded=0, skipped=0,
                   skipped_files=[], damaged_shards=[], host=socket.gethostname(), pid=os.getpid())
-    todo = [u for u in in_my_order(units) if not is_done(out, u, cache_key, report)]
+    mine = units if only is None else [u for u in units if u.name in set(only)]
+    todo = [u for u in in_my_order(mine) if not is_done(out, u, cache_key, report)]
     workers = min(4, os.cpu_count() or 1) if s.num_workers is None else s.num_workers
     bar = tqdm(total=len(todo), desc="cache-latents", unit="shard", disable=not progress)
+    loop_start = time.time()
     with Claims(out / "claims", s.claim_timeout) as claims, ThreadPoolExecutor(1) as writer, bar:
         writing = None  # the writer thread writes one unit while the next is encoded
         for unit in todo:
             if not claims.claim(unit.name):
                 report["busy_units"] += 1
+                bar.update(1)  # another process's: off this process's list too
                 continue
             if is_done(out, unit, cache_key):  # finished by another process after our first look
                 claims.release(unit.name)
+                bar.update(1)
                 continue
             started = time.time()
             rows, skipped, seconds = encode_unit(codec, unit, s, workers)
@@ -245,8 +250,9 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
             report["skipped_files"] += skipped[:1000]
         if writing is not None:
             writing.result()
-    report["seconds"] = round(time.time() - start, 2)
-    report["images_per_sec"] = round(report["encoded"] / report["seconds"], 3) if report["encoded"] else None
+    report["seconds"] = round(time.time() - start, 2)  # with the VAE load
+    encoding = time.time() - loop_start
+    report["images_per_sec"] = round(report["encoded"] / encoding, 3) if report["encoded"] else None
     report["manifest"] = write_manifest_when_complete(out, units, cache_key, vae_hash, codec, s)
     return report
 
@@ -435,8 +441,10 @@ def write_manifest_when_complete(out: Path, units: list, cache_key: str, vae_has
     current = {f"{u.name}.parquet" for u in units}
     for old in (out / "shards").glob("*.parquet"):
         if old.name not in current:
-            old.unlink()
+            old.unlink(missing_ok=True)  # (another process completing at once may have removed it)
             (out / "done" / f"{old.stem}.json").unlink(missing_ok=True)
+    for stale in [*(out / "shards").glob(".*.tmp"), *(out / "done").glob(".*.tmp")]:  # writes killed midway
+        stale.unlink(missing_ok=True)
     config = codec.model.config
     factors = {k: config.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
                if config.get(k) is not None}

@@ -225,6 +225,11 @@ def add_cache(command, parents) -> None:
                        help="seconds after which a unit whose worker stopped touching its claim is taken again "
                             "(a dead worker on this host is noticed at once; default 600)")
     cache.add_argument("--seed", type=int, default=0, help="seeds the random crops")
+    cache.add_argument("--engine", default="local", choices=["local", "ray"],
+                       help="local: this process (one of many under torchrun / a Slurm array); ray: Ray Data maps the "
+                            "units over an actor pool, a GPU each where there are GPUs (pip install 'sdvae[ray]')")
+    cache.add_argument("--ray-address", default=None, help="a running Ray cluster (default: $RAY_ADDRESS, else local)")
+    cache.add_argument("--ray-actors", type=int, default=None, help="VAE actors (default: one per GPU, else 1)")
 
 
 def add_eval(command, parents) -> None:
@@ -471,7 +476,13 @@ def run_cache(args) -> int:
     from .cache import CacheSettings, build_cache
 
     data = args.data[0] if len(args.data) == 1 else args.data
-    report = build_cache(args.vae, data, args.out, from_flags(CacheSettings, args))
+    if args.engine == "ray":
+        from .cache_ray import build_cache_ray
+
+        report = build_cache_ray(args.vae, data, args.out, from_flags(CacheSettings, args), args.ray_actors,
+                                 args.ray_address)
+    else:
+        report = build_cache(args.vae, data, args.out, from_flags(CacheSettings, args))
     for item in report["skipped_files"][:20]:
         print(f"skipped {printable(item['key'])}: {item['reason']}", file=sys.stderr)
     for shard in report["damaged_shards"]:

@@ -14,6 +14,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 LOCK_NAME = ".sdvae.lock"
@@ -39,7 +40,7 @@ def fsync_tree(folder: Path) -> None:
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # processes writing one file at once
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -92,7 +93,7 @@ def output_folder_is_ours(folder: Path, whole: bool) -> bool:
     """A folder sdvae may write into (whole=False) or replace (whole=True): empty, or holding our record; to be
     replaced, also nothing but what the record lists (a file added later would be lost)."""
     entries = {p.name for p in folder.iterdir()}
-    if not entries - {LOCK_NAME, f".{OUTPUT_RECORD}.tmp"}:  # empty, or another process of ours just starting
+    if all(e == LOCK_NAME or e.startswith(f".{OUTPUT_RECORD}.") for e in entries):  # empty, or ours just starting
         return True
     if not whole and LOCK_NAME in entries:  # the lock: a run or cache of ours
         return True

@@ -155,3 +155,21 @@ def test_train_reads_tar_shards(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["skipped_files"] >= 1
     assert AutoencoderKL.from_pretrained(run / "vae").config.latent_channels == 4
+
+
+@pytest.mark.slow
+def test_the_ray_engine_gives_what_one_process_gives(tmp_path, vae_dir):
+    pytest.importorskip("ray", reason="Ray Data is the optional extra sdvae[ray]")
+    data = write_shards(tmp_path / "shards", shards=3, per_shard=4)
+    pattern = str(data / "*.tar")
+    env = {**ENV, "RAY_ADDRESS": "", "RAY_DISABLE_USAGE_STATS": "1"}
+    ray = subprocess.run([*SDVAE, *cache_command(vae_dir, pattern, tmp_path / "ray"), "--engine", "ray",
+                          "--ray-actors", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert ray.returncode == 0, ray.stderr[-3000:]
+    assert "3 of 3 input shards encoded here" in ray.stdout and "complete: 12 images" in ray.stdout, ray.stdout
+    one = subprocess.run([*SDVAE, *cache_command(vae_dir, pattern, tmp_path / "one")], env=ENV, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same(items(tmp_path / "ray"), items(tmp_path / "one"))
+    pids = {json.loads(p.read_text())["pid"] for p in (tmp_path / "ray" / "done").glob("*.json")}
+    assert os.getpid() not in pids and len(pids) >= 1  # the actors did the units
