@@ -223,7 +223,7 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
                   skipped_files=[], damaged_shards=[], host=socket.gethostname(), pid=os.getpid())
     mine = units if only is None else [u for u in units if u.name in set(only)]
     todo = [u for u in in_my_order(mine) if not is_done(out, u, cache_key, report)]
-    workers = min(4, os.cpu_count() or 1) if s.num_workers is None else s.num_workers
+    workers = default_workers() if s.num_workers is None else s.num_workers
     bar = tqdm(total=len(todo), desc="cache-latents", unit="shard", disable=not progress)
     loop_start = time.time()
     with Claims(out / "claims", s.claim_timeout) as claims, ThreadPoolExecutor(1) as writer, bar:
@@ -262,6 +262,12 @@ def default_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def default_workers() -> int:
+    """min(4, the CPUs of this process's share of the host): torchrun ranks on one machine split its cores."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(4, max(1, (os.cpu_count() or 1) // processes_here))
 
 
 def in_my_order(units: list) -> list:

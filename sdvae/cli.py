@@ -214,7 +214,8 @@ def add_cache(command, parents) -> None:
     cache.add_argument("--flip", action="store_true", help="also store the latents of the mirrored crops")
     cache.add_argument("--no-buckets", action="store_true", help="one square bucket, resolution x resolution")
     cache.add_argument("--batch-size", type=int, default=8)
-    cache.add_argument("--num-workers", type=int, default=None, help="loader processes (default: min(4, CPUs))")
+    cache.add_argument("--num-workers", type=int, default=None,
+                       help="loader processes (default: min(4, CPUs), the CPUs split among torchrun's local ranks)")
     cache.add_argument("--shard-size", type=int, default=1024,
                        help="images per input unit of a folder (each tar or parquet file is a unit; default 1024)")
     cache.add_argument("--latent-dtype", default="fp32", choices=["fp32", "fp16"],
