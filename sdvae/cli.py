@@ -8,10 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import field_names, load_config, parse_overrides, read_config_file
+from .config import MAX_PIXELS, field_names, load_config, parse_overrides, read_config_file
 from .errors import TrainingInterrupted
 from .files import printable
-from .images import MAX_PIXELS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--vae", required=True, help="run folder, diffusers folder or single file")
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    device.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="VAE precision")
+    device.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="VAE precision (default fp32; 16-bit pays off on GPUs and AVX512 CPUs)")
     device.add_argument("--backend", default=None, choices=["auto", "pytorch", "onnxruntime"],
                         help="auto (default, or $SDVAE_BACKEND): CPU fp32 runs whole images through ONNX graphs of "
                              "the VAE, exported and checked once and cached (faster); pytorch: PyTorch only; "
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval, add_probe,
-                add_publish):
+                add_publish, add_fetch_weights):
         add(command, (vae, device, images, overwrite))
     return parser
 
@@ -124,24 +124,34 @@ def add_convert_and_export(command, parents) -> None:
     """sdvae convert / export: VAEs between layouts and formats."""
     vae, device, images, overwrite = parents
     convert = command("convert", run_convert, [overwrite],
-                      help="convert a VAE between the diffusers and the original LDM layout (detects the input's)",
+                      help="convert a VAE between the diffusers and the original LDM layout (detects the input's; "
+                           "whole SD/SDXL/SD3/FLUX checkpoints too)",
                       description="LDM single file (.safetensors, or .ckpt/.pt read with weights_only=True; whole "
-                                  "SD/SDXL checkpoints too) -> diffusers folder; diffusers folder or state dict -> LDM "
-                                  "single file.")
-    convert.add_argument("source")
-    convert.add_argument("out")
-    convert.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+                                  "SD / SDXL / SD3 / FLUX.1 checkpoints too, with their family's factors) -> "
+                                  "diffusers folder; diffusers folder or state dict -> LDM single file. An existing "
+                                  "output sdvae did not write is refused unless --overwrite.")
+    convert.add_argument("source", help="the VAE to convert: a single file or a diffusers folder")
+    convert.add_argument("out", help="a folder (from a single file) or a .safetensors file (from diffusers)")
+    convert.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                         help="precision of the written weights (default fp32)")
 
     export = command("export", run_export, [overwrite],
-                     help="export a run's (or any) VAE as a diffusers folder, a single file or ONNX graphs")
+                     help="export a run's (or any) VAE as a diffusers folder, a single file, TAESD's files or ONNX "
+                          "graphs",
+                     description="Write a VAE in the layout a client loads (README: 'Which client loads what'). "
+                                 "diffusers and single-file exports decode two photos in fp16 first and record "
+                                 "force_upcast from what they measure. An existing output sdvae did not write is "
+                                 "refused unless --overwrite.")
     export.add_argument("source", help="run folder, diffusers folder or single file")
     export.add_argument("--format", default="diffusers", choices=["diffusers", "single-file", "taesd", "onnx"],
-                        help="single-file: the LDM layout (ComfyUI/A1111 load the SD architecture's); taesd: a "
+                        help="(default diffusers) single-file: the LDM layout (ComfyUI/A1111 load the SD "
+                             "architecture's); taesd: a "
                              "tiny student as TAESD's taesd_encoder/decoder.safetensors (ComfyUI's vae_approx "
                              "previews); onnx: vae_encoder/model.onnx and vae_decoder/model.onnx (the layout of "
                              "diffusers' and optimum's ONNX pipelines), checked against PyTorch with onnxruntime")
-    export.add_argument("--out", required=True)
-    export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    export.add_argument("--out", required=True, help="the folder (or, for single-file, the .safetensors file) to write")
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="precision of the written weights (default fp32; onnx: fp32 only)")
     export.add_argument("--no-fp16-check", action="store_true",
                         help="skip the fp16 decode check that sets force_upcast")
 
@@ -151,11 +161,14 @@ def add_publish(command, parents) -> None:
     vae, device, images, overwrite = parents
     publish = command("publish", run_publish, [overwrite],
                       help="stage a run as a Hugging Face model repo (model card, diffusers files, single file), or "
-                           "a latent cache as a dataset repo, and upload it")
+                           "a latent cache as a dataset repo, and upload it",
+                      description="Stage RUN as a model repo in --out (model card with metadata, the diffusers files "
+                                  "and the files UIs load) and upload it with huggingface_hub; a latent cache goes up "
+                                  "as a dataset repo as it is. --dry-run stops before the upload.")
     publish.add_argument("source", metavar="RUN", help="run folder (or any VAE sdvae loads), or a latent cache "
                                                        "(sdvae cache-latents --out), which goes up as a dataset repo")
     publish.add_argument("--repo-id", required=True, help="owner/name on the Hugging Face hub")
-    publish.add_argument("--private", action="store_true")
+    publish.add_argument("--private", action="store_true", help="create the Hub repo as private")
     publish.add_argument("--license", default="apache-2.0", help="the card's license (default apache-2.0)")
     publish.add_argument("--out", help="where the repo is staged (default RUN/publish)")
     publish.add_argument("--dry-run", action="store_true", help="stage the folder and stop: nothing is uploaded")
@@ -165,11 +178,15 @@ def add_stats(command, parents) -> None:
     """sdvae stats: latent mean and std, scaling and shift factors."""
     vae, device, images, overwrite = parents
     stats = command("stats", run_stats, [vae, images],
-                    help="measure latent mean/std on a dataset; propose scaling/shift factors")
+                    help="measure latent mean/std on a dataset; propose scaling/shift factors",
+                    description="Encode centre crops of a dataset and report the per-channel and global mean and std "
+                                "of the latents, the scaling_factor (1/std) and shift_factor (mean) diffusion training "
+                                "should use, and how far the VAE's current factor is. Several processes (accelerate "
+                                "launch / torchrun) split the images.")
     stats.add_argument("--data", required=True, help="image folder or Hugging Face dataset")
     stats.add_argument("--resolution", type=int, default=256, help="centre-crop size (default 256)")
-    stats.add_argument("--batch-size", type=int, default=8)
-    stats.add_argument("--max-images", type=int, default=None)
+    stats.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    stats.add_argument("--max-images", type=int, default=None, help="the first N images only (default all)")
     stats.add_argument("--mode", action="store_true", help="use the posterior mean instead of samples")
     stats.add_argument("--write", action="store_true", help="write scaling_factor (and shift_factor) to config.json")
     stats.add_argument("--shift", action="store_true", help="with --write: also write shift_factor (SD3/FLUX)")
@@ -180,9 +197,13 @@ def add_encode_and_decode(command, parents) -> None:
     vae, device, images, overwrite = parents
     for name, helptext in (("encode", "images (files or folders) -> latent files, one .safetensors per image"),
                            ("decode", "latent files written by `sdvae encode` -> PNG images at their original size")):
-        sub = command(name, run_codec, [vae, device, overwrite] + ([images] if name == "encode" else []), help=helptext)
-        sub.add_argument("inputs", nargs="+")
-        sub.add_argument("--out", required=True)
+        sub = command(name, run_codec, [vae, device, overwrite] + ([images] if name == "encode" else []), help=helptext,
+                      description=helptext[0].upper() + helptext[1:] + ". Unreadable inputs are skipped and named; "
+                                  "outputs keep the inputs' subfolders. An existing file or folder sdvae did not write "
+                                  "is refused unless --overwrite.")
+        sub.add_argument("inputs", nargs="+", help="files and folders (searched recursively)" + (
+            " of images" if name == "encode" else " of latent .safetensors files"))
+        sub.add_argument("--out", required=True, help="output folder")
         sub.add_argument("--tiled", action=argparse.BooleanOptionalAction, default=None,
                          help="seam-free tiling (whole-image GroupNorm statistics, same result as untiled); "
                               "default: only when the untiled pass would not fit in memory")
@@ -210,10 +231,11 @@ def add_cache(command, parents) -> None:
                             "files or a folder of them, a save_to_disk folder, or a Hugging Face dataset name")
     cache.add_argument("--out", required=True, help="cache folder")
     cache.add_argument("--resolution", type=int, default=256, help="buckets of about resolution² pixels (default 256)")
-    cache.add_argument("--crop", default="center", choices=["center", "random"])
+    cache.add_argument("--crop", default="center", choices=["center", "random"],
+                       help="where the crop is taken (default center; random: seeded by --seed and the image)")
     cache.add_argument("--flip", action="store_true", help="also store the latents of the mirrored crops")
     cache.add_argument("--no-buckets", action="store_true", help="one square bucket, resolution x resolution")
-    cache.add_argument("--batch-size", type=int, default=8)
+    cache.add_argument("--batch-size", type=int, default=8, help="images per encoder batch (default 8)")
     cache.add_argument("--num-workers", type=int, default=None,
                        help="loader processes (default: min(4, CPUs), the CPUs split among torchrun's local ranks)")
     cache.add_argument("--shard-size", type=int, default=1024,
@@ -255,7 +277,7 @@ def add_eval(command, parents) -> None:
                     help="images as they are (padded to a multiple of 8, cropped back): Kodak and similar sets")
     ev.add_argument("--sample", action="store_true", help="decode a posterior sample instead of the mode")
     ev.add_argument("--seed", type=int, default=0, help="seeds the posterior samples (--sample)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     ev.add_argument("--max-images", type=int, default=None, help="the first N readable images (sorted by path)")
     ev.add_argument("--lpips-weights", action="append", metavar="FOLDER_OR_FILE",
                     help="vgg16-397923af.pth / alexnet-owt-7be5be79.pth, or a folder holding them "
@@ -291,7 +313,7 @@ def add_probe(command, parents) -> None:
     pr.add_argument("--denoiser", default="small", choices=["tiny", "small", "dit-s", "dit-b"],
                     help="small: a UNet for CPUs (default); tiny: a smaller one for quick checks; "
                          "dit-s / dit-b: DiT-S/2, DiT-B/2 for GPUs")
-    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--batch-size", type=int, default=32, help="denoiser batch (default 32)")
     pr.add_argument("--learning-rate", type=float, default=None, help="default 2e-4 (small), 1e-4 (DiT)")
     pr.add_argument("--seed", type=int, default=0, help="seeds the denoiser's init, batches, t and noise")
     pr.add_argument("--eval-every", type=int, default=None, help="steps between held-out losses (default steps/10)")
@@ -310,6 +332,25 @@ def add_probe(command, parents) -> None:
     pr.add_argument("--no-download", action="store_true", help="never download the Inception weights")
 
 
+def add_fetch_weights(command, parents) -> None:
+    """sdvae fetch-weights: the pretrained networks the losses and metrics use, into the torch hub cache."""
+    command("fetch-weights", run_fetch_weights,
+            help="download the weights LPIPS (VGG16, AlexNet) and FID (Inception) need into the torch hub cache",
+            description="With a network: puts vgg16-397923af.pth (the training loss's LPIPS), alexnet-owt-7be5be79.pth "
+                        "(eval's LPIPS) and pytorch-fid's Inception into the torch hub cache ($TORCH_HOME/hub/"
+                        "checkpoints), where every command finds them; files already there are kept.")
+
+
+def run_fetch_weights(args) -> int:
+    from .losses import LPIPS_TRUNKS, weights_file
+    from .metrics import FID_WEIGHTS_URL
+
+    for url, what in ((LPIPS_TRUNKS["vgg"], "VGG16 (LPIPS)"), (LPIPS_TRUNKS["alex"], "AlexNet (LPIPS)"),
+                      (FID_WEIGHTS_URL, "Inception (FID)")):
+        print(f"{what}: {printable(weights_file(url, None, True, what))}")
+    return 0
+
+
 def run_train(args) -> int:
     from . import demo
     from .train import train
@@ -318,7 +359,7 @@ def run_train(args) -> int:
     if args.resume:
         overrides["resume"] = args.resume
     cfg = load_config(args.config, overrides)
-    notice = None
+    notice, is_demo = None, cfg.data is None
     if cfg.data is None:
         given = set(overrides) | set(read_config_file(args.config) if args.config else {})
         settings = {k: v for k, v in demo.SETTINGS.items() if k not in given}
@@ -341,9 +382,22 @@ def run_train(args) -> int:
             print(f"  reconstructions:  {cfg.output_dir}/reconstructions.png")
             print(f"  held-out PSNR {v['psnr_mean']:.2f} dB, SSIM {v['ssim_mean']:.4f} on {v['images']} crops")
         print(f"  {metrics['steps']} steps in {metrics['wall_seconds']:.0f} s, {metrics['images_per_sec']:.3g} images/s")
+        if is_demo:
+            print(demo_pace(metrics["steps"], cfg.max_minutes))
         if notice:
             print(notice)
     return 0
+
+
+def demo_pace(steps: int, minutes: float) -> str:
+    """The demo stops on time: say how its steps compare with a normal run's, and how to train longer."""
+    from .demo import TYPICAL_STEPS
+
+    pace = f"  the demo stops after {minutes:g} minutes: {steps} steps here, about {TYPICAL_STEPS} on 2 idle CPU cores"
+    if steps < TYPICAL_STEPS // 2:  # a busy or slow machine: blurry results have a reason
+        pace += (f"; this machine was slower, so the reconstructions are rougher. Train longer with: sdvae train "
+                 f"max_minutes={max(10, round(minutes * TYPICAL_STEPS / max(steps, 1)))}")
+    return pace
 
 
 def run_convert(args) -> int:

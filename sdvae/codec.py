@@ -240,7 +240,7 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     - "pytorch": PyTorch only.
     - "onnxruntime": `path` is a folder written by `sdvae export --format onnx`, run on the CPU in fp32
       (untiled)."""
-    from .sources import as_dtype, load_pretrained_vae
+    from .sources import as_dtype, cpu_has_fast_16bit, load_pretrained_vae
 
     dtype, device = as_dtype(dtype), as_device(device)
     check_tile_size(tile_size)
@@ -253,7 +253,7 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     if backend == "onnxruntime" or (backend == "auto" and is_graph_folder(path)):
         return onnxruntime_codec(path, device, dtype, compile, tile_size, max_memory)
     model = load_pretrained_vae(str(path)).to(device).eval()
-    if device.type == "cpu" and dtype != torch.float32 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_fast_16bit():
         warnings.warn(f"{dtype} on this CPU ({torch.backends.cpu.get_cpu_capability()}, no native 16-bit "
                       f"arithmetic) is much slower than float32 (eval/results/bench_inference_cpu.md)")
     decode_dtype = dtype

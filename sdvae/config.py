@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 
 
+MAX_PIXELS = 100_000_000  # 100 MP: a 12000x8000 photo still loads; PIL's bomb warning starts at 89 MP
+
+
 @dataclass
 class TrainConfig:
     # model: a preset name (`tiny`, `sd-kl-f8`) or a path to a diffusers VAE folder / config.json; with `teacher`,
@@ -43,7 +46,7 @@ class TrainConfig:
     # random crops cover up to this many times `resolution` of the image, shrunk to it (log-uniform per crop), so
     # they hold more of the scene; 1: crops at native scale
     crop_downscale_max: float = 1.0
-    max_pixels: int = 100_000_000  # images with more pixels are skipped and counted, before they are decoded
+    max_pixels: int = MAX_PIXELS  # images with more pixels are skipped and counted, before they are decoded
     # loader processes per training process; empty: 0 when training on the CPU (they would take cores from the
     # compute threads), else min(8, CPUs per process)
     num_workers: int | None = None

@@ -438,8 +438,10 @@ def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int
     error |reconstruction - input| (mean over channels, 8-bit levels) as a heat map, one scale per image."""
     from matplotlib import colormaps
 
+    from .metrics import caption
+
     cmap = colormaps["inferno"]
-    font, label = _font(), 18
+    font, label = _font(11), 18  # one line of caption above each tile, shortened to the tile's width
     w0, h0 = max(g[1].shape[1] for g in grid), max(g[1].shape[0] for g in grid)
     scale = min(1.0, TILE / max(h0, w0))
     tw, th = round(w0 * scale), round(h0 * scale)  # one tile size that holds every image shown
@@ -457,9 +459,10 @@ def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int
         block = Image.new("RGB", (columns * (tw + GAP) - GAP, 3 * (th + label) + GAP), "white")
         draw = ImageDraw.Draw(block)
 
-        def put(col, row, picture, text):
+        def put(col, row, picture, *texts):
             block.paste(picture, (col * (tw + GAP), row * (th + label) + label))
-            draw.text((col * (tw + GAP) + 3, row * (th + label) + 2), text, fill="black", font=font)
+            draw.text((col * (tw + GAP) + 2, row * (th + label) + 3), caption(texts, tw - 4, font), fill="black",
+                      font=font)
 
         def full(a):
             return Image.fromarray(a).resize(size, Image.Resampling.LANCZOS) if s != 1 else Image.fromarray(a)
@@ -473,14 +476,16 @@ def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int
 
         shown = full(image)
         ImageDraw.Draw(shown).rectangle([x0 * s, y0 * s, (x0 + cw) * s - 1, (y0 + ch) * s - 1], outline=(0, 255, 0))
-        put(0, 0, shown, f"{Path(name).name}" + (f" (shown at {s:.2g}x)" if s != 1 else ""))
-        put(0, 1, crop(image), f"input, crop at {zoom}x")
+        put(0, 0, shown, *([f"{Path(name).name} (shown at {s:.2g}x)"] if s != 1 else []), Path(name).name)
+        put(0, 1, crop(image), f"input, crop at {zoom}x", f"input {zoom}x")
         bar = np.linspace(0, 1, tw)[None, :].repeat(max(1, th // 6), 0)
-        put(0, 2, Image.fromarray((cmap(bar)[..., :3] * 255).astype(np.uint8)), f"|error| 0 .. {vmax:.0f} levels")
+        put(0, 2, Image.fromarray((cmap(bar)[..., :3] * 255).astype(np.uint8)),
+            f"|error| scale: 0 .. {vmax:.0f} levels", f"|error| 0..{vmax:.0f} levels", f"0..{vmax:.0f}/255")
         for c, v in enumerate(vaes, start=1):
-            put(c, 0, full(recs[v]), f"{v}: {values[v]['psnr'][i]:.2f} dB, SSIM {values[v]['ssim'][i]:.3f}")
-            put(c, 1, crop(recs[v]), f"{v}, crop at {zoom}x")
-            put(c, 2, heat(errors[v]), f"{v}: |error|")
+            p, q = values[v]['psnr'][i], values[v]['ssim'][i]
+            put(c, 0, full(recs[v]), f"{v}: {p:.2f} dB, SSIM {q:.3f}", f"{v}: {p:.1f} dB {q:.3f}", f"{p:.1f} dB {v}")
+            put(c, 1, crop(recs[v]), f"{v}, crop at {zoom}x", f"{v} {zoom}x")
+            put(c, 2, heat(errors[v]), f"{v}: |error|", f"{v} error")
         rows.append(block)
     figure = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
     for k, r in enumerate(rows):
@@ -490,6 +495,8 @@ def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int
 
 def psnr_plot(values, result):
     """Per-image PSNR per VAE: violin, box and the images as points."""
+    import textwrap
+
     from matplotlib.figure import Figure
 
     vaes = list(values)
@@ -502,10 +509,11 @@ def psnr_plot(values, result):
     rng = np.random.default_rng(0)
     for k, d in enumerate(data, start=1):
         ax.scatter(k + rng.uniform(-0.08, 0.08, len(d)), d, s=8, alpha=0.6, color="black", zorder=3)
-    ax.set_xticks(range(1, len(vaes) + 1), vaes)
+    ax.set_xticks(range(1, len(vaes) + 1), [textwrap.fill(v, 18) for v in vaes])  # 1.4 in a VAE
     ax.set_ylabel("PSNR (dB)")
     size = "full size" if result["protocol"]["full_size"] else f"{result['protocol']['resolution']} px"
-    ax.set_title(f"{'/'.join(Path(result['data']).parts[-2:])}: {result['images']} images, {size}", fontsize=10)
+    title = f"{'/'.join(Path(result['data']).parts[-2:])}: {result['images']} images, {size}"
+    fig.suptitle(textwrap.fill(title, round(fig.get_figwidth() * 100 / 9)), fontsize=10)  # 9 px a letter, at most
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

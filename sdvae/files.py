@@ -31,11 +31,21 @@ def fsync_path(path: Path) -> None:
 
 
 def fsync_tree(folder: Path) -> None:
-    """File contents and folder entries to disk: a power loss after the rename cannot leave empty files."""
+    """File contents and folder entries to disk: a power loss after the rename cannot leave empty files. Every file
+    gets the mode a plain open() gives under the user's umask: writers that make their own temporary files
+    (safetensors, accelerate) leave 0600, which other users of a shared cluster cannot read."""
+    mode = default_file_mode()
     for root, _, files in os.walk(folder):
         for name in files:
+            os.chmod(Path(root) / name, mode)
             fsync_path(Path(root) / name)
         fsync_path(Path(root))
+
+
+def default_file_mode() -> int:
+    umask = os.umask(0o022)  # the only way to read it is to set it; put back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import MAX_PIXELS
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-MAX_PIXELS = 100_000_000  # 100 MP: a 12000x8000 photo still loads; PIL's bomb warning starts at 89 MP
 
 
 class ImageTooLarge(ValueError):

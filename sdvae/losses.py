@@ -44,7 +44,7 @@ def weights_file(url: str, path: str | Path | None = None, download: bool = True
         path = Path(path)
         path = path / name if path.is_dir() else path
         if not path.is_file():
-            raise MissingWeightsError(f"{what} not found: {path}")
+            raise MissingWeightsError(f"{what} not found: {path} (download {url}{hint})")
         return path
     path = hub_cache_path(url)
     if path.is_file():

@@ -6,15 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .denoiser import white_noise_loss
 from .diagnostics import transforms
 from .files import atomic_json, atomic_write
 from .images import png_bytes
-from .metrics import to_uint8
+from .metrics import label_band, stack, to_uint8
 
 GAP = 4
+# what each combined picture's columns hold, written above it
+EXPLAINED = {
+    "samples": "Samples from the probe's denoiser, decoded: column i starts from the same noise (seed, i) for "
+               "every VAE.",
+    "equivariance": "Per image: x (the input), then for each transform T (x/2: downscale 2x, rot: rotate 90 "
+                    "degrees) T(x) and D(T(z)), the decoded transformed latent; they match for an equivariant VAE.",
+}
 # per-image figures compared between VAEs: (label, where in a VAE's result, fewer is better)
 PAIRED = {
     "held-out loss": (("probe", "heldout_loss_per_image"), True),
@@ -42,7 +49,7 @@ def write_outputs(out: Path, result: dict, heldout: dict) -> None:
         rows = {v: Image.open(out / "vaes" / f"{v}.{picture}.png") for v in vaes
                 if (out / "vaes" / f"{v}.{picture}.png").is_file()}
         if rows:
-            atomic_write(out / f"{picture}.png", png_bytes(labelled_rows(rows)))
+            atomic_write(out / f"{picture}.png", png_bytes(labelled_rows(rows, EXPLAINED[picture])))
 
 
 def _get(result: dict, where: tuple):
@@ -148,17 +155,20 @@ def loss_plot(result: dict):
     return fig
 
 
-def image_row(arrays: list) -> Image.Image:
-    """uint8 (H, W, 3) arrays side by side, top-aligned, on white."""
+def image_row(arrays: list, labels: list[str] | None = None) -> Image.Image:
+    """uint8 (H, W, 3) arrays side by side, top-aligned, on white; `labels` (one per array) above them."""
     if not arrays:
         return Image.new("RGB", (1, 1), "white")
     width = sum(a.shape[1] for a in arrays) + GAP * (len(arrays) - 1)
     row = Image.new("RGB", (width, max(a.shape[0] for a in arrays)), "white")
-    x = 0
+    x, columns = 0, []
     for a in arrays:
         row.paste(Image.fromarray(a), (x, 0))
+        columns.append((x, a.shape[1]))
         x += a.shape[1] + GAP
-    return row
+    if labels is None:
+        return row
+    return stack(label_band([(x, w, t) for (x, w), t in zip(columns, labels)], width), row)
 
 
 @torch.no_grad()
@@ -170,19 +180,31 @@ def equivariance_row(encode, decode, x: torch.Tensor) -> Image.Image:
         arrays.append(to_uint8(x[i:i + 1])[0])
         for image_t, latent_t in transforms().values():
             arrays += [to_uint8(image_t(x[i:i + 1]))[0], to_uint8(decode(latent_t(z[i:i + 1])))[0]]
-    return image_row(arrays)
+    return image_row(arrays, len(x) * equivariance_labels())
 
 
-def labelled_rows(rows: dict) -> Image.Image:
-    """One row per VAE, its name above it."""
+def equivariance_labels() -> list[str]:
+    """Column titles of one image in equivariance_row, short enough for narrow columns."""
+    short = {"downscale_2x": ("x/2", "D(z/2)"), "rotate_90": ("rot x", "D(rot z)")}
+    return ["x"] + [t for name in transforms() for t in short.get(name, ("T x", "D(T z)"))]
+
+
+def labelled_rows(rows: dict, title: str = "") -> Image.Image:
+    """One row per VAE, its name above it; `title` (wrapped) on top. A row of equal square tiles without labels of
+    its own (samples) gets its columns numbered."""
     from .evaluate import _font
 
-    label = 18
     width = max(r.width for r in rows.values())
-    figure = Image.new("RGB", (width, sum(r.height + label for r in rows.values())), "white")
-    draw, y = ImageDraw.Draw(figure), 0
+    parts = [label_band([(0, width, title)], width)] if title else []
     for name, row in rows.items():
-        draw.text((3, y + 2), name, fill="black", font=_font())
-        figure.paste(row.convert("RGB"), (0, y + label))
-        y += row.height + label
-    return figure
+        parts += [label_band([(0, width, name)], width, _font()), numbered(row)]
+    return stack(*parts)
+
+
+def numbered(row: Image.Image) -> Image.Image:
+    """`row` with "1", "2", ... above its tiles where it is n square tiles GAP apart, else as it is."""
+    n = (row.width + GAP) // (row.height + GAP)
+    if n < 2 or n * (row.height + GAP) - GAP != row.width:
+        return row
+    side = row.height
+    return stack(label_band([(k * (side + GAP), side, str(k + 1)) for k in range(n)], row.width), row)

@@ -339,6 +339,12 @@ def as_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of fp32, fp16, bf16 (or torch.float32/float16/bfloat16), got {dtype!r}")
 
 
+def cpu_has_fast_16bit() -> bool:
+    """Whether this CPU computes bf16/fp16 natively (AVX512 and later); on AVX2 they are many times slower than fp32
+    (eval/results/bench_inference_cpu.md)."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
 def dtype_name(dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[as_dtype(dtype)]
 

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoints import (CheckpointError, TrainState, completed_checkpoints, find_checkpoint, has_discriminator,
                           last_good, load_ema, save_checkpoint, set_aside_later_checkpoints)
 from .config import TrainConfig, save_config
-from .sources import load_pretrained_vae
+from .sources import cpu_has_fast_16bit, load_pretrained_vae
 from .data import build_dataset, collate, seed_for
 from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
@@ -38,8 +39,8 @@ from .equivariance import Equivariance
 from .files import (STALE_PATTERNS, FolderLock, FolderLocked, ForeignOutput, atomic_json, atomic_write,
                     refuse_foreign_output, remove_stale_temporaries, write_failure)
 from .images import png_bytes
-from .losses import AutoencoderLoss, build_lpips
-from .metrics import comparison_grid, error_grid, reconstruct, score, summarise
+from .losses import TRAIN_HINT, VGG16_URL, AutoencoderLoss, build_lpips, weights_file
+from .metrics import comparison_grid, error_figure, reconstruct, score, summarise
 from .models import VAETrainingForward, build_vae, is_tiny
 
 log = logging.getLogger("sdvae")
@@ -87,7 +88,17 @@ def train(cfg: TrainConfig) -> dict:
             accelerator.end_training()
 
 
+def check_weights_files(cfg: TrainConfig) -> None:
+    """The LPIPS trunk's weights: found (or downloaded, with a network) now, or one error that says how to get them."""
+    if cfg.perceptual_weight > 0:
+        weights_file(VGG16_URL, cfg.lpips_vgg_weights, True, "VGG16 ImageNet weights for LPIPS (perceptual_weight > 0)",
+                     TRAIN_HINT.format(name=Path(VGG16_URL).name) + " (with a network: sdvae fetch-weights)")
+
+
 def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
+    if cfg.mixed_precision != "no" and not torch.cuda.is_available() and not cpu_has_fast_16bit():
+        warnings.warn(f"mixed_precision={cfg.mixed_precision} on this CPU ({torch.backends.cpu.get_cpu_capability()}, "
+                      f"no native 16-bit arithmetic) is many times slower than fp32: set mixed_precision=no here")
     return Accelerator(
         cpu=several_processes_without_gpu(),
         mixed_precision=cfg.mixed_precision,
@@ -204,6 +215,7 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     dataset = build_dataset(cfg.data, cfg.resolution, cfg.image_column, cfg.data_split, cfg.streaming,
                             cfg.random_flip, seed=cfg.seed, max_pixels=cfg.max_pixels)
     dataset.transform.downscale_max = cfg.crop_downscale_max
+    check_weights_files(cfg)  # before loader workers and models: a missing file is one line, not a failure minutes in
     workers = loader_workers(cfg, accelerator)
     if workers == 0 and hasattr(dataset, "keep_decoded"):
         dataset.keep_decoded(cfg.image_cache_mb)
@@ -270,13 +282,17 @@ def training_module(cfg: TrainConfig, device):
 
 
 def loader_workers(cfg: TrainConfig, accelerator) -> int:
-    """On the CPU, loader processes take cores from the compute threads; on a GPU they decode while it computes."""
+    """On the CPU, loader processes take cores from the compute threads; on a GPU they decode while it computes.
+    A preset's workers (8, for a GPU machine) are capped to the CPUs this process has."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    cpus = max(1, (os.cpu_count() or 1) // processes_here)
     if cfg.num_workers is not None:
-        return cfg.num_workers
+        if cfg.num_workers > cpus and accelerator.is_main_process:
+            log.warning("num_workers=%d capped to %d: the CPUs this process has", cfg.num_workers, cpus)
+        return min(cfg.num_workers, cpus)
     if accelerator.device.type == "cpu":
         return 0
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
-    return max(1, min(8, (os.cpu_count() or 1) // processes_here - 1))
+    return max(1, min(8, cpus - 1))
 
 
 def trainable_vae(cfg: TrainConfig):
@@ -574,9 +590,11 @@ def advance(progress, cfg, state: TrainState, started: float, stop: bool, signum
     elif stop:
         progress.total = step
     elif cfg.max_minutes > 0:
-        progress.total = max(step + 1, steps_in_time(cfg, step, step - progress.initial, time.time() - started,
-                                                     state.train_seconds))
-    progress.update(1)
+        estimate = max(step + 1, steps_in_time(cfg, step, step - progress.initial, time.time() - started,
+                                               state.train_seconds))
+        if step >= progress.total or abs(estimate - progress.total) > 0.1 * progress.total:
+            progress.total = estimate  # moved only when the rate changed much: a total that jumps every step
+    progress.update(1)              # makes the bar's ETA meaningless
 
 
 def steps_in_time(cfg, step: int, steps_done: int, seconds_here: float, seconds_trained: float) -> int:
@@ -647,7 +665,7 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
         if shown is not None:
             vae.eval()
             with torch.no_grad():
-                grid = error_grid(shown, reconstruct(vae, shown.to(accelerator.device)))
+                grid = error_figure(shown, reconstruct(vae, shown.to(accelerator.device)))
             atomic_write(out / "reconstructions.png", png_bytes(grid))
         atomic_json(out / "metrics.json", metrics)
     return metrics

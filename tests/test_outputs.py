@@ -3,6 +3,7 @@
 tensors of the wrong rank, and formats a client cannot build."""
 import io
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -244,3 +245,96 @@ def test_encode_names_an_empty_image(vae_dir):
         with pytest.raises(ValueError, match="empty image|H, W >= 1"):
             codec.encode(empty)
     assert codec.encode(Image.new("RGB", (1, 1))).shape == (1, 4, 1, 1)  # one pixel is an image
+
+
+def test_files_get_the_mode_open_gives_under_the_umask(tmp_path, vae_dir, photos):
+    old = os.umask(0o027)
+    try:
+        assert main(["export", str(vae_dir), "--no-fp16-check", "--out", str(tmp_path / "vae")]) == 0
+        assert main(["export", str(vae_dir), "--format", "single-file", "--no-fp16-check", "--out",
+                     str(tmp_path / "v.safetensors")]) == 0
+        assert main(["encode", str(photos), "--vae", str(vae_dir), "--out", str(tmp_path / "z")]) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "photos" not in p.parts]
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors") in written and len(written) > 5
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o640)}  # 0o666 & ~0o027: never 0600
+
+
+def test_a_gpu_preset_on_this_cpu_is_told_and_capped(tmp_path, photos, caplog, monkeypatch):
+    from types import SimpleNamespace
+
+    from sdvae import train as training
+    from sdvae.config import load_config
+
+    cfg = load_config(None, {"num_workers": "64", "data": str(photos)})
+    main_process = SimpleNamespace(is_main_process=True, device=torch.device("cpu"))
+    with caplog.at_level("WARNING", logger="sdvae"):
+        assert training.loader_workers(cfg, main_process) == (os.cpu_count() or 1)
+    assert "num_workers=64 capped" in caplog.text
+    monkeypatch.setattr(training, "cpu_has_fast_16bit", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="mixed_precision=bf16 on this CPU.*slower than fp32"):
+        training.make_accelerator(load_config(None, {"mixed_precision": "bf16"}), tmp_path / "run")
+
+
+def test_missing_lpips_weights_stop_a_run_before_anything_is_built(tmp_path, photos, capsys):
+    started = time.time()
+    assert main(["train", f"data={photos}", f"output_dir={tmp_path / 'run'}", "perceptual_weight=1",
+                 f"lpips_vgg_weights={tmp_path / 'nowhere' / 'vgg16-397923af.pth'}"]) == 2
+    err = one_error(capsys, "nowhere", "perceptual_weight=0", "fetch-weights")
+    left = {p.name for p in (tmp_path / "run").iterdir()} if (tmp_path / "run").exists() else set()
+    assert time.time() - started < 20 and left <= {".sdvae.lock"}, (err, left)  # no model, no loader, no files
+
+
+def test_fetch_weights_keeps_what_the_cache_holds(tmp_path, capsys, monkeypatch):
+    from sdvae.losses import LPIPS_TRUNKS
+    from sdvae.metrics import FID_WEIGHTS_URL
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for url in (*LPIPS_TRUNKS.values(), FID_WEIGHTS_URL):
+        (cache / Path(url).name).write_bytes(b"weights")
+    assert main(["fetch-weights"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(str(cache)) == 3 and all(p.read_bytes() == b"weights" for p in cache.iterdir())
+
+
+def test_the_demo_says_how_far_it_got_and_the_bar_total_holds_still(monkeypatch):
+    from sdvae import train as training
+
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from sdvae.cli import demo_pace
+
+    assert "train longer" in demo_pace(20, 3.0).lower() and "max_minutes=" in demo_pace(20, 3.0)
+    assert "max_minutes" not in demo_pace(400, 3.0) and "400 steps" in demo_pace(400, 3.0)
+    cfg, state = SimpleNamespace(max_minutes=3.0, max_steps=5000), SimpleNamespace(train_seconds=0.0)
+    totals, clock = [], [0.0]
+    monkeypatch.setattr(training.time, "time", lambda: clock[0])
+    with tqdm(total=5000, file=io.StringIO()) as bar:
+        for k in range(1, 200):  # about 2 steps/s, each step 5% faster or slower than the last: a busy machine
+            clock[0] = 0.5 * k * (1 + 0.05 * (-1) ** k)
+            state.train_seconds = clock[0]
+            advance(bar, cfg, state, 0.0, stop=False)
+            totals.append(bar.total)
+    assert len(set(totals[5:])) <= 2 and abs(totals[-1] - 360) < 40, totals  # not a new total every step
+
+
+def test_help_describes_every_command_and_argument_without_importing_torch():
+    import subprocess
+    import sys
+
+    from sdvae.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        assert sub.description, f"sdvae {name} has no description"
+        for action in sub._actions:
+            if action.dest not in ("help", "debug", "run"):
+                assert action.help, f"sdvae {name}: {action.dest} has no help"
+    script = "import sys, sdvae.cli; sdvae.cli.build_parser().format_help(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout.strip() == "False"
