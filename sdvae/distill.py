@@ -44,7 +44,7 @@ def load_teacher(source: str):
 
     teacher = load_pretrained_vae(source).eval().requires_grad_(False)
     if type(teacher).__name__ != "AutoencoderKL":
-        raise ValueError(f"teacher {source} is a {type(teacher).__name__}; the teacher is a KL VAE (AutoencoderKL)")
+        raise ValueError(f"teacher {source} is an {type(teacher).__name__}; the teacher is a KL VAE (AutoencoderKL)")
     if teacher.config.get("latents_mean") is not None:
         raise ValueError(f"teacher {source} normalises latents per channel (latents_mean / latents_std): students of "
                          f"such VAEs are not supported yet")

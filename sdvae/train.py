@@ -314,7 +314,7 @@ def trainable_student(cfg: TrainConfig, teacher):
         return build_student(cfg.model, teacher)
     student = load_pretrained_vae(cfg.init_from)
     if not is_tiny(student):
-        raise ValueError(f"init_from {cfg.init_from} is a {type(student).__name__}; with teacher= it must be a tiny "
+        raise ValueError(f"init_from {cfg.init_from} is an {type(student).__name__}; with teacher= it must be a tiny "
                          f"student (AutoencoderTiny)")
     if student.config.latent_channels != teacher.config.latent_channels:
         raise ValueError(f"init_from {cfg.init_from} has {student.config.latent_channels} latent channels, the "
