@@ -250,11 +250,15 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
             report["skipped_files"] += skipped[:1000]
         if writing is not None:
             writing.result()
+    add_rates(report, start, loop_start)
+    report["manifest"] = write_manifest_when_complete(out, units, cache_key, vae_hash, codec, s)
+    return report
+
+
+def add_rates(report: dict, start: float, loop_start: float) -> None:
     report["seconds"] = round(time.time() - start, 2)  # with the VAE load
     encoding = time.time() - loop_start
     report["images_per_sec"] = round(report["encoded"] / encoding, 3) if report["encoded"] else None
-    report["manifest"] = write_manifest_when_complete(out, units, cache_key, vae_hash, codec, s)
-    return report
 
 
 def default_device() -> str:

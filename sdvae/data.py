@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, resize_crop
+from .images import open_image, pixels_to_tensor, resize_crop
 from .inputs import SAVED_DATASET_MARKERS, list_images, list_units, read_unit
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdvae.cli import main
-from sdvae.files import FolderLock
 from tests.test_data import real_photo, write_real_world_files
 
 SDVAE = [sys.executable, "-m", "sdvae"]
