@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 from sdvae.cache import bucket_sizes, build_cache, nearest_bucket  # noqa: E402
 from sdvae.codec import load_vae  # noqa: E402
 from sdvae.inputs import list_images  # noqa: E402
-from sdvae.sources import as_dtype  # noqa: E402
+from sdvae.weights import as_dtype  # noqa: E402
 from sdvae.models import build_vae  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdvae.sources import DTYPE_NAMES as DTYPES  # noqa: E402
+from sdvae.weights import DTYPE_NAMES as DTYPES  # noqa: E402
 
 
 def timed(fn, budget_s: float):
@@ -172,7 +172,7 @@ def quality_rows(vae_path, data_dir, dtypes, device, max_images):
     import numpy as np
 
     import sdvae
-    from sdvae.data import open_image
+    from sdvae.images import open_image
     from sdvae.inputs import list_images
     from sdvae.metrics import psnr
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sdvae.losses import vgg16_cache_path  # noqa: E402
+from sdvae.downloads import vgg16_cache_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SETS = {  # label: (folder, extra sdvae eval flags)
@@ -81,7 +81,7 @@ def train_example(script: Path, minutes: float, data: Path, work: Path, vgg: Pat
     """The diffusers example, unchanged, on the `tiny` architecture; LPIPS under its no_grad either way."""
     from diffusers import AutoencoderKL
 
-    from sdvae.models import preset_config
+    from sdvae.presets import preset_config
 
     AutoencoderKL(**preset_config("tiny")).save_config(work / "tiny-config")
     out = work / "example"

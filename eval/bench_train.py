@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdvae.config import load_config  # noqa: E402
 from sdvae.demo import prepare_data  # noqa: E402
-from sdvae.losses import vgg16_cache_path  # noqa: E402
+from sdvae.downloads import vgg16_cache_path  # noqa: E402
 from sdvae.train import train  # noqa: E402
 
 SETUPS = {  # model, resolution, batch, steps (the same number again runs first, as warm-up)

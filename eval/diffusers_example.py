@@ -43,7 +43,8 @@ def main():
     import lpips
     import tqdm.auto
 
-    from sdvae.losses import build_lpips, vgg16_cache_path
+    from sdvae.losses import build_lpips
+    from sdvae.downloads import vgg16_cache_path
 
     trunk = args.lpips_vgg_weights is not None or vgg16_cache_path().is_file()
     perceptual = build_lpips(args.lpips_vgg_weights, download=False, pretrained_trunk=trunk)

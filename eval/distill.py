@@ -26,10 +26,11 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 SETS = {"Kodak": DATA / "kodak", "BSDS500 val": DATA / "bsds500" / "val"}
 
-from sdvae.distill import build_student, teacher_latents  # noqa: E402
+from sdvae.models import build_student, teacher_latents  # noqa: E402
 from sdvae.evaluate import batches, image_sources  # noqa: E402
 from sdvae.images import pixels_to_tensor  # noqa: E402
-from sdvae.metrics import psnr_batch, to_uint8  # noqa: E402
+from sdvae.metrics import psnr_batch  # noqa: E402
+from sdvae.images import to_uint8  # noqa: E402
 from sdvae.models import build_vae, count_parameters  # noqa: E402
 from sdvae.sources import load_pretrained_vae  # noqa: E402
 

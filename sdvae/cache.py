@@ -47,12 +47,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from .claims import Claims
+from .codec import VAECodec, load_vae, require_weights
 from .config import SEEDS, at_least, check_ranges
 from .data import seed_for
 from .files import atomic_json, atomic_write, describe_error, prepare_output_folder, printable, refuse_foreign_output
 from .images import open_image, pixels_to_tensor
 from .inputs import list_units, read_unit
-from .sources import dtype_name
+from .weights import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +201,6 @@ def build_cache(vae, data, out, settings: CacheSettings | None = None, on_shard=
     on `out`; returns this process's report. `vae` is a path or a loaded `VAECodec` (then `dtype` should name its
     precision: it is part of the key). `on_shard(record)` is called after each shard is written. `only`: the
     names of the units this call may take (an engine that hands units out, sdvae.cache_ray)."""
-    from .codec import VAECodec, load_vae, require_weights
-
     s = dataclasses.replace(settings or CacheSettings(), **flags)
     out = Path(out)
     refuse_old_cache(out)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .cache import CacheSettings, build_cache
+from .cache import CacheSettings, build_cache, default_device
+from .codec import load_vae
 from .inputs import list_units
 
 
@@ -16,9 +17,6 @@ class _UnitEncoder:
     """A Ray Data actor: loads the VAE once, then encodes the units it is handed."""
 
     def __init__(self, vae: str, data, out: str, settings: CacheSettings):
-        from .codec import load_vae
-        from .cache import default_device
-
         self.data, self.out, self.settings = data, out, settings
         self.codec = load_vae(vae, settings.device or default_device(), settings.dtype, backend=settings.backend)
 

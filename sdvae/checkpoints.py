@@ -17,7 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import read_config_file
 from .files import atomic_write, fsync_tree, remove_tree, replace_folder, write_failure
+from .processes import all_processes_agree
+from .weights import (assert_finite, check_config, load_strict, read_config_json, read_state_dict, safetensors_header,
+                      vae_class)
 
 log = logging.getLogger("sdvae")
 STATE_NAME = "trainer_state.json"
@@ -95,8 +99,6 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 
 def _safetensors_problem(path: Path) -> str | None:
-    from .sources import safetensors_header
-
     try:
         safetensors_header(path)
     except ValueError as e:
@@ -149,8 +151,6 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, vae, e
     """Every process writes its part into a temporary folder; the main process adds the EMA, the VAE config and
     the state file, syncs and renames it. A failure on any process (a full disk) fails all of them together,
     with the temporary folder removed and the previous checkpoints untouched."""
-    from .train import all_processes_agree
-
     name, error = f"checkpoint-{state.step}", None
     final = Path(out) / name
     tmp = final.with_name(f".{name}.tmp")
@@ -184,8 +184,6 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int, vae, e
 
 
 def _finish(accelerator, final: Path, tmp: Path, state: TrainState, vae, ema, trained_names) -> None:
-    from .sources import assert_finite
-
     assert_finite(vae.state_dict(), f"the weights of {final.name}")
     values = state.to_dict()
     if ema is not None:
@@ -222,8 +220,6 @@ def has_discriminator(checkpoint: Path) -> bool:
 def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
     """The VAE of a run folder's newest verified checkpoint (its EMA weights when the run exports EMA): what
     `vae/` would hold, for a run that was interrupted before its export."""
-    from .sources import check_config, load_strict, read_config_json, read_state_dict, vae_class
-
     try:
         checkpoint = find_checkpoint(run, "latest")
     except FileNotFoundError:
@@ -251,8 +247,6 @@ def load_checkpoint_vae(run: Path, use_ema: bool | None = None):
 
 
 def _run_config(run: Path) -> dict:
-    from .config import read_config_file
-
     try:  # the run's own settings; a damaged one only loses the export_ema preference
         return read_config_file(Path(run) / "config.yaml")
     except (OSError, ValueError):

@@ -255,23 +255,35 @@ def add_cache(command, parents) -> None:
     cache.add_argument("--ray-actors", type=int, default=None, help="VAE actors (default: one per GPU, else 1)")
 
 
+def comparison_flags() -> argparse.ArgumentParser:
+    """What eval and probe share: the VAEs side by side, the images, the output, and the FID weights."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--vae", action="append", required=True, metavar="[NAME=]PATH",
+                       help="run folder, diffusers folder or single file; repeat to compare (NAME labels it)")
+    flags.add_argument("--data", required=True,
+                       help="image folder (searched recursively), or a `datasets` dataset: save_to_disk folder, "
+                            "parquet folder or hub name")
+    flags.add_argument("--image-column", default="image", help="dataset column holding the images (default image)")
+    flags.add_argument("--out", required=True, help="output folder (probe's also holds its latent caches and "
+                                                    "checkpoints; run probe again to resume)")
+    flags.add_argument("--fid-weights", metavar="FOLDER_OR_FILE",
+                       help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its folder (default: torch hub "
+                            "cache)")
+    flags.add_argument("--no-fid", action="store_true", help="skip the FID (eval's rFID, probe's generation FID)")
+    flags.add_argument("--no-download", action="store_true", help="never download missing metric weights")
+    return flags
+
+
 def add_eval(command, parents) -> None:
     """sdvae eval: reconstruction metrics of VAEs side by side."""
     vae, device, images, overwrite = parents
-    ev = command("eval", run_eval, [device, images, overwrite],
+    ev = command("eval", run_eval, [device, images, overwrite, comparison_flags()],
                  help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) of one or more VAEs side by side",
                  description="Score VAEs on the same images with the protocol of the published tables "
                              "(sd-vae-ft-mse's model card): shorter side resized to --resolution, centre crop, "
                              "posterior mode, decode, clamp, 8 bits. Writes metrics.json, per_image.csv, table.md, "
                              "grid.png and psnr.png to --out.")
-    ev.add_argument("--vae", action="append", required=True, metavar="[NAME=]PATH",
-                    help="run folder, diffusers folder or single file; repeat to compare (NAME labels it)")
-    ev.add_argument("--data", required=True,
-                    help="image folder (searched recursively), or a `datasets` dataset: save_to_disk folder, "
-                         "parquet folder or hub name")
     ev.add_argument("--split", default="validation", help="dataset split (datasets only; default validation)")
-    ev.add_argument("--image-column", default="image", help="dataset column holding the images (default image)")
-    ev.add_argument("--out", required=True, help="output folder")
     ev.add_argument("--resolution", type=int, default=256, help="shorter side and centre crop (default 256)")
     ev.add_argument("--full-size", action="store_true",
                     help="images as they are (padded to a multiple of 8, cropped back): Kodak and similar sets")
@@ -282,29 +294,20 @@ def add_eval(command, parents) -> None:
     ev.add_argument("--lpips-weights", action="append", metavar="FOLDER_OR_FILE",
                     help="vgg16-397923af.pth / alexnet-owt-7be5be79.pth, or a folder holding them "
                          "(default: the torch hub cache); repeatable")
-    ev.add_argument("--fid-weights", metavar="FOLDER_OR_FILE",
-                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its folder (default: torch hub cache)")
     ev.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    ev.add_argument("--no-fid", action="store_true", help="skip rFID")
-    ev.add_argument("--no-download", action="store_true", help="never download missing metric weights")
     ev.add_argument("--grid-images", type=int, default=3, help="images in grid.png (default 3, spread over the set)")
 
 
 def add_probe(command, parents) -> None:
     """sdvae probe: how well a diffusion model learns each VAE's latents."""
     vae, device, images, overwrite = parents
-    pr = command("probe", run_probe, [device, images, overwrite],
+    pr = command("probe", run_probe, [device, images, overwrite, comparison_flags()],
                  help="how well a latent diffusion model learns each VAE's latents: diagnostics and a diffusion probe",
                  description="Latent statistics, spectrum, equivariance and noise robustness, then the same small "
                              "denoiser trained with rectified flow on each VAE's normalised latents: loss curves, "
                              "held-out loss, samples and generation FID. Writes metrics.json, table.md, spectrum.png, "
                              "probe_loss.png, samples.png and equivariance.png to --out; run again to resume.")
-    pr.add_argument("--vae", action="append", required=True, metavar="[NAME=]PATH",
-                    help="run folder, diffusers folder or single file; repeat to compare (NAME labels it)")
-    pr.add_argument("--data", required=True, help="training images: a folder (through the latent cache) or a "
-                                                  "`datasets` dataset")
     pr.add_argument("--val-data", help="held-out images (default: every 10th image of --data, left out of training)")
-    pr.add_argument("--out", required=True, help="output folder (also holds the latent caches and checkpoints)")
     pr.add_argument("--resolution", type=int, default=256, help="image side, a multiple of 16 (default 256)")
     budget = pr.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=2000, help="denoiser steps for every VAE (default 2000)")
@@ -324,12 +327,7 @@ def add_probe(command, parents) -> None:
     pr.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="the denoiser's")
     pr.add_argument("--split", default="train", help="split of a `datasets` --data (default train)")
     pr.add_argument("--val-split", default="validation", help="split of a `datasets` --val-data")
-    pr.add_argument("--image-column", default="image", help="dataset column holding the images (default image)")
     pr.add_argument("--num-workers", type=int, default=None, help="latent-cache loader processes")
-    pr.add_argument("--fid-weights", metavar="FOLDER_OR_FILE",
-                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its folder (default: torch hub cache)")
-    pr.add_argument("--no-fid", action="store_true", help="skip the generation FID")
-    pr.add_argument("--no-download", action="store_true", help="never download the Inception weights")
 
 
 def add_fetch_weights(command, parents) -> None:
@@ -342,8 +340,7 @@ def add_fetch_weights(command, parents) -> None:
 
 
 def run_fetch_weights(args) -> int:
-    from .losses import LPIPS_TRUNKS, weights_file
-    from .metrics import FID_WEIGHTS_URL
+    from .downloads import FID_WEIGHTS_URL, LPIPS_TRUNKS, weights_file
 
     for url, what in ((LPIPS_TRUNKS["vgg"], "VGG16 (LPIPS)"), (LPIPS_TRUNKS["alex"], "AlexNet (LPIPS)"),
                       (FID_WEIGHTS_URL, "Inception (FID)")):
@@ -401,7 +398,7 @@ def demo_pace(steps: int, minutes: float) -> str:
 
 
 def run_convert(args) -> int:
-    from .convert import convert
+    from .export import convert
 
     direction, out = convert(args.source, args.out, args.dtype, overwrite=args.overwrite)
     print(f"{direction}: {out}")
@@ -409,9 +406,9 @@ def run_convert(args) -> int:
 
 
 def run_export(args) -> int:
-    from .sources import load_pretrained_vae
     from .export import check_format, fp16_check, save_diffusers, save_single_file, save_taesd
     from .files import refuse_foreign_output
+    from .sources import load_pretrained_vae
 
     vae = load_pretrained_vae(args.source)  # refuses NaN weights, which the fp16 check would blame on fp16
     check_format(vae, args.format, printable(args.source), warn=False)  # refusals before the fp16 check's 20 s
@@ -476,9 +473,9 @@ def run_stats(args) -> int:
 
     from accelerate import PartialState
 
-    from .sources import load_pretrained_vae
     from .latents import config_path, latent_statistics, write_factors
-    from .train import several_processes_without_gpu
+    from .processes import several_processes_without_gpu
+    from .sources import load_pretrained_vae
 
     if args.shift and not args.write:  # it would silently do nothing
         raise ValueError("--shift only chooses what --write writes; add --write")
@@ -504,8 +501,9 @@ def run_stats(args) -> int:
 
 
 def run_codec(args) -> int:
-    from .codec import decode_files, encode_files, load_vae
     import torch
+
+    from .codec import decode_files, encode_files, load_vae
 
     missing = [printable(p) for p in args.inputs if not Path(p).exists()]
     if missing:  # before the model loads

@@ -10,16 +10,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
-from .files import ForeignOutput, atomic_write, describe_error, file_is_ours, prepare_output_folder, printable, text_path
-from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, png_bytes, require_regular_file, tensor_to_pixels, to_rgb
-from .onnx import is_graph_folder
+from .files import (ForeignOutput, atomic_write, describe_error, file_is_ours, prepare_output_folder, printable,
+                    text_path)
+from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, png_bytes, require_regular_file, to_rgb, to_uint8
+from .onnx import OnnxVAE, cached_graphs, is_graph_folder
+from .sources import load_pretrained_vae
 from .tiling import default_budget, tiled_decode, tiled_encode, untiled_bytes
+from .weights import (GRAPHS, TINY, as_dtype, cpu_has_fast_16bit, decode_latents, encode_latents, latents_are_posterior,
+                      model_kind, safetensors_header)
 
 
 def to_tensor(image) -> torch.Tensor:
@@ -112,14 +116,12 @@ class VAECodec:
         return channel(mean), self.scaling_factor / channel(std)
 
     @property
-    def is_tiny(self) -> bool:
-        from .models import is_tiny
-
-        return is_tiny(self.model)
+    def latents_are_posterior(self) -> bool:
+        return latents_are_posterior(self.model)
 
     def _tile(self, tiled: bool | None, direction: str, shape) -> bool:
-        whole = "a tiny student (AutoencoderTiny)" if self.is_tiny else "the onnxruntime backend" if not isinstance(
-            self.model, torch.nn.Module) else None
+        kind = model_kind(self.model)
+        whole = {TINY: "a tiny student (AutoencoderTiny)", GRAPHS: "the onnxruntime backend"}.get(kind)
         if whole:  # sdvae.tiling walks AutoencoderKL's blocks; a student needs a few MB per megapixel
             if tiled:
                 raise ValueError(f"tiled encode/decode needs a KL VAE run by PyTorch; {whole} runs whole")
@@ -134,11 +136,10 @@ class VAECodec:
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A (B, 3, H, W) batch in [-1, 1], H and W multiples of 8 -> the posterior's (mean, std), unscaled, fp32
         (what a latent cache stores, so that a trainer can draw a new sample every epoch)."""
-        if self.is_tiny:  # a deterministic encoder: its latents, with no spread
-            z = self.untiled.encode(x.to(self.device, self.dtype)).latents.float()
-            return z, torch.zeros_like(z)
-        dist = self.untiled.encode(x.to(self.device, self.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
+        mean, logvar = encode_latents(self.untiled, x.to(self.device, self.dtype))
+        if logvar is None:  # a tiny student's deterministic encoder: its latents, with no spread
+            return mean.float(), torch.zeros_like(mean, dtype=torch.float32)
+        return mean.float(), DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).std.float()
 
     @torch.no_grad()
     def encode(self, images, scaled: bool = True, sample: bool = False, generator: torch.Generator | None = None,
@@ -164,16 +165,16 @@ class VAECodec:
                 raise ValueError(f"encode takes images of one size per call; got sizes (H, W) {sizes}")
             x = torch.stack(tensors)
         x = pad_to_multiple(x).to(self.device, self.dtype)
-        if self.is_tiny:
-            self._tile(tiled, "encode", x.shape)  # refuses tiled=True
-            z = self.untiled.encode(x).latents  # deterministic: nothing to sample
+        if self._tile(tiled, "encode", x.shape):
+            moments = tiled_encode(self.model, x, tile_size or self.tile_size, self.max_memory)
         else:
-            if self._tile(tiled, "encode", x.shape):
-                posterior = DiagonalGaussianDistribution(tiled_encode(self.model, x, tile_size or self.tile_size,
-                                                                      self.max_memory))
-            else:
-                posterior = self.untiled.encode(x).latent_dist
+            mean, logvar = encode_latents(self.untiled, x)
+            moments = mean if logvar is None else torch.cat([mean, logvar], dim=1)
+        if self.latents_are_posterior:
+            posterior = DiagonalGaussianDistribution(moments)
             z = posterior.sample(generator=generator) if sample else posterior.mode()
+        else:
+            z = moments  # a tiny student's deterministic encoder: nothing to sample
         z = z.float()
         if not scaled:
             return z
@@ -207,13 +208,13 @@ class VAECodec:
         if self._tile(tiled, "decode", z.shape):
             x = tiled_decode(self.model, z, tile_size or self.tile_size, self.max_memory)
         else:
-            x = self.untiled.decode(z).sample
+            x = decode_latents(self.untiled, z)
         x = x.float().clamp(-1, 1)
         if size is not None:
             x = x[..., : size[1], : size[0]]
         if output_type == "pt":
             return x.cpu()
-        array = tensor_to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()
+        array = to_uint8(x)
         return array if output_type == "np" else [Image.fromarray(a) for a in array]
 
 
@@ -240,8 +241,6 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     - "pytorch": PyTorch only.
     - "onnxruntime": `path` is a folder written by `sdvae export --format onnx`, run on the CPU in fp32
       (untiled)."""
-    from .sources import as_dtype, cpu_has_fast_16bit, load_pretrained_vae
-
     dtype, device = as_dtype(dtype), as_device(device)
     check_tile_size(tile_size)
     if max_memory is not None and not (isinstance(max_memory, int) and max_memory > 0):
@@ -266,8 +265,6 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
         torch.nn.Module.to(model, dtype)  # (diffusers' own .to() warns about an empty fp32 module list)
     graphs = None
     if backend == "auto" and device.type == "cpu" and dtype == torch.float32 and not compile:
-        from .onnx import OnnxVAE, cached_graphs
-
         folder = cached_graphs(model)
         graphs = OnnxVAE(folder) if folder else None
     if channels_last:
@@ -280,15 +277,13 @@ def load_vae(path: str, device: str | torch.device = "cpu", dtype: torch.dtype =
 
 def require_weights(codec: VAECodec, what: str) -> None:
     """Caches and probe results are keyed by the PyTorch weights, which a folder of ONNX graphs does not hold."""
-    if not isinstance(codec.model, torch.nn.Module):
+    if model_kind(codec.model) == GRAPHS:
         raise ValueError(f"{what} needs the VAE's weights (a diffusers folder, single file or run), not a folder "
                          f"of ONNX graphs; the default CPU path runs its own graphs of those weights")
 
 
 def onnxruntime_codec(path, device: torch.device, dtype: torch.dtype, compile: bool, tile_size: int,
                       max_memory: int | None) -> VAECodec:
-    from .onnx import OnnxVAE
-
     if device.type != "cpu" or dtype != torch.float32 or compile:
         raise ValueError("the onnxruntime backend runs on the CPU in fp32, without torch.compile")
     return VAECodec(OnnxVAE(path), device, dtype, dtype, tile_size, max_memory)
@@ -355,8 +350,6 @@ def encode_files(codec: VAECodec, inputs: list, out, scaled: bool = True, tiled:
 
 def read_latent_file(path: Path, latent_channels: int) -> tuple[torch.Tensor, tuple[int, int] | None, bool]:
     """(latent (C, h, w), the image's (width, height) or None, scaled) from a file of `encode_files`, checked."""
-    from .sources import safetensors_header
-
     require_regular_file(path)
     header = safetensors_header(path)
     if "latent" not in header:

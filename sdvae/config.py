@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .files import atomic_write
+from .presets import STUDENT_PRESETS
 
 MAX_PIXELS = 100_000_000  # 100 MP: a 12000x8000 photo still loads; PIL's bomb warning starts at 89 MP
 
@@ -301,8 +303,6 @@ def _check(cfg: TrainConfig) -> None:
 
 
 def _check_distillation(cfg: TrainConfig) -> None:
-    from .distill import STUDENT_PRESETS
-
     student = cfg.model in STUDENT_PRESETS
     if student and not cfg.teacher:
         raise ValueError(f"model={cfg.model} is a tiny student: it trains by distillation, set teacher=PATH (the VAE "
@@ -428,6 +428,4 @@ def _check_keys(path: Path, mapping: yaml.MappingNode) -> None:
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    from .files import atomic_write
-
     atomic_write(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -11,6 +11,7 @@ import logging
 import random
 from pathlib import Path
 
+import datasets
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -152,8 +153,6 @@ class HFImageDataset(_ImageSource):
 
     def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0,
                  max_pixels=None):
-        import datasets
-
         if image_column not in dataset.column_names:
             raise ValueError(f"image column '{image_column}' not in the dataset; columns: {dataset.column_names}")
         if len(dataset) == 0:
@@ -176,8 +175,6 @@ class HFImageDataset(_ImageSource):
 class HFStreamingImageDataset(IterableDataset):
     def __init__(self, dataset, image_column: str, resolution: int, random_flip=True, random_crop=True, seed=0,
                  max_pixels=None):
-        import datasets
-
         if dataset.features is not None and image_column in dataset.features and isinstance(
                 dataset.features[image_column], datasets.Image):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -250,7 +247,6 @@ def build_dataset(data: str, resolution: int, image_column: str = "image", split
     path = Path(data)
     if path.is_dir() and not _looks_like_hf_dataset(path):
         return ImageFolder(path, resolution, random_flip, random_crop, seed, max_pixels)
-    import datasets
 
     try:
         if path.is_dir() and any((path / m).exists() for m in SAVED_DATASET_MARKERS):

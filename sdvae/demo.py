@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .downloads import vgg16_cache_path
 from .files import prepare_output_folder, refuse_foreign_output
-from .losses import vgg16_cache_path
+from .images import load_photo
 
 # Natural photos inside the scikit-image wheel (the rest of skimage.data is synthetic or fetched online).
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -40,15 +41,6 @@ SETTINGS = dict(  # train/configs/tiny.yaml's recipe (see its comments for what 
     checkpoint_every=250,
     output_dir="runs/demo",
 )
-
-
-def load_photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
-    if image.ndim == 2:
-        image = np.stack([image] * 3, axis=-1)
-    return image[..., :3]
 
 
 HOLDOUT = 128

@@ -9,6 +9,7 @@ network cannot predict at all (white noise) scores the highest loss a unit-varia
 from __future__ import annotations
 
 import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from .data import seed_for
 
@@ -43,10 +44,7 @@ def build_denoiser(preset: str, channels: int, size: int, seed: int = 0) -> torc
     kind = options.pop("kind")
     torch.manual_seed(seed)
     if kind == "unet":
-        from diffusers import UNet2DModel
-
         return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, **options)
-    from diffusers import DiTTransformer2DModel
 
     if size % options["patch_size"]:
         raise ValueError(f"{preset} needs latents whose side is a multiple of {options['patch_size']}, got {size}")
@@ -59,7 +57,7 @@ def predict(model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The velocity at (x_t, t); t in [0, 1] enters as a timestep in [0, 1000], the scale both networks embed."""
     inner = model.module if hasattr(model, "module") else model
     timestep = t * 1000
-    if type(inner).__name__ == "DiTTransformer2DModel":
+    if isinstance(inner, DiTTransformer2DModel):
         labels = torch.zeros(len(x_t), dtype=torch.long, device=x_t.device)
         return model(x_t, timestep=timestep, class_labels=labels).sample
     return model(x_t, timestep).sample

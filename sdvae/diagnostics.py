@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from .data import seed_for
-from .metrics import psnr_batch, to_uint8
+from .images import to_uint8
+from .metrics import psnr_batch
 
 NOISE_SIGMAS = (0.1, 0.25, 0.5)
 KL_IN_USE = 0.01  # nats per latent element: a channel whose posterior is this close to N(0, 1) carries ~nothing
 
 
-def latent_statistics(means: torch.Tensor, stds: torch.Tensor) -> dict:
+def posterior_moments(means: torch.Tensor, stds: torch.Tensor) -> dict:
     """Statistics of z = mean + std * eps over (N, C, h, w) posterior means and stds, exactly (no sampling):
     E[z] = E[mean], E[z^2] = E[mean^2 + std^2]; KL(N(mean, std^2) || N(0, 1)) per channel in nats per element."""
     mu, sd = means.double(), stds.double()

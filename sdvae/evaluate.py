@@ -16,20 +16,29 @@ import dataclasses
 import io
 import json
 import math
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+from scipy import stats
 from tqdm.auto import tqdm
 
+from .codec import load_vae
 from .config import SEEDS, at_least, check_ranges
+from .data import HFImageDataset, ImageFolder, build_dataset
+from .downloads import LPIPS_TRUNKS, MissingWeightsError
 from .files import atomic_json, atomic_write, describe_error, prepare_output_folder, printable, refuse_foreign_output
 from .images import open_image, pixels_to_tensor, png_bytes, resize_crop
-from .losses import LPIPS_TRUNKS, MissingWeightsError, build_lpips
+from .losses import build_lpips
 from .metrics import build_fid_inception, fid_from_features, inception_features, psnr_batch, ssim_batch, summarise
+from .pictures import caption
+from .weights import as_dtype
 
 LABELS = {"rfid": "rFID", "psnr": "PSNR", "ssim": "SSIM", "lpips_vgg": "LPIPS-VGG", "lpips_alex": "LPIPS-Alex"}
 FEWER_IS_BETTER = {"rfid", "lpips_vgg", "lpips_alex"}
@@ -55,8 +64,6 @@ def parse_vae_specs(specs: list[str]) -> dict[str, str]:
 def image_sources(data: str, split: str = "validation", image_column: str = "image"):
     """(number of images, iterator of (name, source)) for an image folder (names relative to it) or a `datasets`
     dataset: a `save_to_disk` folder, a folder of parquet files, or a hub name. Sources are read lazily."""
-    from .data import HFImageDataset, ImageFolder, build_dataset
-
     # FileNotFoundError / ValueError("no images ...") here, before any model loads; the transform goes unused
     dataset = build_dataset(data, 8, image_column, split, random_flip=False, random_crop=False)
     if isinstance(dataset, ImageFolder):
@@ -172,7 +179,6 @@ class EvalSettings:
         check_ranges(self, EVAL_RANGES)
         if not self.full_size and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples 8x), got {self.resolution}")
-        from .sources import as_dtype
 
         as_dtype(self.dtype)
 
@@ -180,9 +186,6 @@ class EvalSettings:
 def evaluate(vaes: dict[str, str], data: str, out: str, settings: EvalSettings | None = None, **flags) -> dict:
     """Score every VAE on the same images and write metrics.json, per_image.csv, table.md, grid.png and
     psnr.png to `out`. Returns what metrics.json holds. Settings: an EvalSettings, or its fields as keywords."""
-    from .codec import load_vae
-    from .sources import as_dtype
-
     s = dataclasses.replace(settings or EvalSettings(), **flags)
     dtype = as_dtype(s.dtype)
     total, sources = image_sources(data, s.split, s.image_column)
@@ -334,8 +337,6 @@ def describe_protocol(resolution, full_size, sample, seed, dtype, device) -> dic
 
 def paired_difference(a: list[float], b: list[float], name_a: str, name_b: str, metric: str) -> dict:
     """Mean of the per-image differences b - a, with a 95% t confidence interval (the images are the pairs)."""
-    from scipy import stats
-
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     d = d[np.isfinite(d)]  # PSNR is inf where a VAE reproduces an image exactly
     n = len(d)
@@ -436,9 +437,6 @@ def detail_box(image: np.ndarray, width: int, height: int) -> tuple[int, int]:
 def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int = 4) -> Image.Image:
     """Per image three rows: input | each VAE; the same detailed crop zoomed `zoom`x (nearest); the per-pixel
     error |reconstruction - input| (mean over channels, 8-bit levels) as a heat map, one scale per image."""
-    from matplotlib import colormaps
-
-    from .metrics import caption
 
     cmap = colormaps["inferno"]
     font, label = _font(11), 18  # one line of caption above each tile, shortened to the tile's width
@@ -495,9 +493,6 @@ def comparison_figure(grid, vaes: list[str], values, names: list[str], zoom: int
 
 def psnr_plot(values, result):
     """Per-image PSNR per VAE: violin, box and the images as points."""
-    import textwrap
-
-    from matplotlib.figure import Figure
 
     vaes = list(values)
     data = [np.asarray(values[v]["psnr"])[np.isfinite(values[v]["psnr"])] for v in vaes]

@@ -1,18 +1,21 @@
 """Writing VAEs for the tools that load them: diffusers folders, the LDM single file UIs read, and TAESD's two
-files for a tiny student."""
+files for a tiny student; and `sdvae convert`, which writes a VAE in the other layout."""
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save
 
-from .convert import diffusers_to_ldm, tiny_to_taesd
-from .models import is_tiny, latent_mode
-from .sources import as_dtype, assert_finite
 from .files import atomic_write, output_folder, printable, refuse_foreign_output, text_path
+from .images import load_photo, pixels_to_tensor
+from .layouts import diffusers_to_ldm, tiny_to_taesd
+from .sources import SINGLE_FILE_SUFFIXES, load_pretrained_vae
+from .weights import as_dtype, assert_finite, decode_latents, is_tiny, latent_mode, plain_config
 
 FP16_BOUND = 4 * 2 / 255  # four 8-bit levels, on the [-1, 1] scale
 
@@ -31,16 +34,13 @@ TAESD_LATENT_CHANNELS = (4, 16)  # taesd / taesdxl; taesd3 / taef1
 def fp16_check(vae, images: torch.Tensor | None = None, bound: float = FP16_BOUND) -> dict:
     """Decode in fp16 and compare with fp32: non-finite values (the SD VAE's overflow) or a difference over
     `bound` mean pipelines must run this VAE in fp32 (`force_upcast: true`)."""
-    import copy
-
     if images is None:
         images = check_images()
     vae = vae.float().eval()
     device = next(vae.parameters()).device
     latents = latent_mode(vae, images.to(device))
-    reference = vae.decode(latents).sample
-    half = copy.deepcopy(vae).half()
-    decoded = half.decode(latents.half()).sample.float()
+    reference = decode_latents(vae, latents)
+    decoded = decode_latents(copy.deepcopy(vae).half(), latents.half()).float()
     nonfinite = not bool(torch.isfinite(decoded).all())
     difference = float((decoded - reference).abs().nan_to_num(float("inf")).max())
     return dict(max_abs_diff=difference, nonfinite=nonfinite, bound=bound,
@@ -73,18 +73,8 @@ def taesd_incompatibility(vae) -> str | None:
     return None
 
 
-def plain_config(vae) -> dict:
-    """The VAE's config as JSON holds it (lists, no private keys), for the metadata of the files we write."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
-
-
 def check_images(resolution: int = 128) -> torch.Tensor:
     """Two real photos (scikit-image's), centre-cropped."""
-    from PIL import Image
-
-    from .demo import load_photo
-    from .images import pixels_to_tensor
-
     crops = []
     for name in ("astronaut", "coffee"):
         image = Image.fromarray(load_photo(name))
@@ -179,3 +169,17 @@ def save_taesd(vae, folder: str | Path, dtype: str = "fp32", source: str = "", o
         for part, state in parts.items():
             (tmp / f"taesd_{part}.safetensors").write_bytes(save(state, metadata=metadata))
     return Path(folder)
+
+
+def convert(source: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> tuple[str, Path]:
+    """Convert between layouts, detecting the input's: LDM single file -> diffusers folder,
+    diffusers (folder or bare state dict) -> LDM single file. Returns (direction, output path). An existing output
+    that sdvae did not write is refused unless `overwrite`."""
+    vae, layout = load_pretrained_vae(str(source), return_layout=True)
+    if layout == "ldm":
+        if Path(out).suffix in SINGLE_FILE_SUFFIXES:  # would be a folder called x.safetensors
+            raise ValueError(f"{printable(source)} is already an LDM single file; convert writes it as a diffusers "
+                             f"folder, not {printable(out)}. For a VAE-only single file: sdvae export "
+                             f"{printable(source)} --format single-file --out {printable(out)}")
+        return "ldm -> diffusers", save_diffusers(vae, out, dtype, overwrite=overwrite)
+    return "diffusers -> ldm", save_single_file(vae, out, dtype, source=str(source), overwrite=overwrite)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -15,7 +16,10 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
+
+from PIL import Image
 
 LOCK_NAME = ".sdvae.lock"
 OUTPUT_RECORD = ".sdvae-output.json"  # in each folder an sdvae command writes: the command and what it wrote
@@ -121,8 +125,6 @@ def file_is_ours(path: Path) -> bool:
         with open(path, "rb") as f:
             head = f.read(8)
             if path.suffix == ".png":
-                from PIL import Image
-
                 with Image.open(path) as image:
                     return str(image.info.get("Software", "")).startswith("sdvae")
             length = int.from_bytes(head, "little") if len(head) == 8 else 0
@@ -267,8 +269,6 @@ class FolderLock:
         self.folder, self.what, self.fd = Path(folder), what, None
 
     def acquire(self) -> "FolderLock":
-        import fcntl
-
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC: the holder's details stay readable
@@ -279,7 +279,6 @@ class FolderLock:
             raise FolderLocked(f"{self.folder} is in use by another sdvae {self.what} ({self.holder()}); wait "
                                f"for it to finish or use another folder") from None
         except OSError as e:  # a file system without locks (some network mounts): run, but say what is lost
-            import warnings
 
             warnings.warn(f"{self.folder} cannot be locked ({e}): a second {self.what} into it would not be stopped")
         os.ftruncate(fd, 0)

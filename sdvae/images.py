@@ -1,5 +1,5 @@
-"""Pixels: image files to 8-bit RGB the way a viewer shows them, 8-bit pixels <-> [-1, 1] tensors, and the two
-resize-and-crop protocols (training crops at native scale; the evaluation protocol of the published tables).
+"""Pixels: image files to 8-bit RGB the way a viewer shows them, 8-bit pixels <-> [-1, 1] tensors, the photos
+scikit-image ships, and the two resize-and-crop protocols (training crops at native scale; the evaluation protocol of the published tables).
 
 Every image becomes 8-bit RGB the way a viewer would show it: EXIF rotation applied, transparency composited on
 white, 16-bit scaled down, float images clipped to [0, 1], CMYK and palettes converted.
@@ -13,8 +13,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import skimage.data
 import torch
 from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from .config import MAX_PIXELS
 
@@ -95,8 +97,6 @@ def tensor_to_pixels(x: torch.Tensor) -> torch.Tensor:
 def png_bytes(image: Image.Image) -> bytes:
     """A PNG in memory, for atomic_write: the file on disk is then whole or absent. Tagged Software=sdvae, which
     tells a later run that it may replace the file (sdvae.files.refuse_foreign_output)."""
-    from PIL.PngImagePlugin import PngInfo
-
     info = PngInfo()
     info.add_text("Software", "sdvae")
     buffer = io.BytesIO()
@@ -124,3 +124,16 @@ def resize_crop(image: Image.Image, resolution: int, protocol: str,
     else:
         left, top = free[0] // 2, free[1] // 2
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_photo(name: str) -> np.ndarray:
+    """A natural photo scikit-image ships (HxWx3 uint8): sdvae's embedded images, offline."""
+    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return image[..., :3]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, clamped and rounded like a saved PNG."""
+    return tensor_to_pixels(x).permute(0, 2, 3, 1).cpu().numpy()

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import torch
+from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from .data import build_dataset, seed_for
@@ -58,8 +59,6 @@ def latent_statistics(vae, data: str, resolution: int = 256, batch_size: int = 8
         images += len(kept)
     counts = torch.tensor([float(images), float(skipped)], dtype=torch.float64, device=device)
     if processes > 1:
-        from accelerate.utils import reduce
-
         sums, counts = reduce(sums, reduction="sum"), reduce(counts, reduction="sum")
     n, s1, s2 = sums
     if n.sum() == 0:

@@ -11,62 +11,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import lpips
 import torch
 import torch.nn.functional as F
 
-# torchvision's ImageNet weights that lpips cuts its trunks from (its own linear layers ship in the wheel)
-LPIPS_TRUNKS = {"vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
-                "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"}
-VGG16_URL = LPIPS_TRUNKS["vgg"]
-TRUNK_NAMES = {"vgg": "VGG16", "alex": "AlexNet"}
-
-
-class MissingWeightsError(RuntimeError):
-    pass
-
-
-def hub_cache_path(url: str) -> Path:
-    """Where torch hub (torchvision, lpips, pytorch-fid) keeps the file downloaded from `url`."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-
-
-def vgg16_cache_path() -> Path:
-    """Where torchvision (and so lpips) keeps the VGG16 ImageNet weights."""
-    return hub_cache_path(VGG16_URL)
-
-
-def weights_file(url: str, path: str | Path | None = None, download: bool = True, what: str = "",
-                 hint: str = "") -> Path:
-    """The file `url` names: at `path` (a file, or a folder holding it), else in the torch hub cache, else
-    downloaded there. MissingWeightsError names the file and every place it was looked for."""
-    name = Path(url).name
-    if path is not None:
-        path = Path(path)
-        path = path / name if path.is_dir() else path
-        if not path.is_file():
-            raise MissingWeightsError(f"{what} not found: {path} (download {url}{hint})")
-        return path
-    path = hub_cache_path(url)
-    if path.is_file():
-        return path
-    why = "downloads are off"
-    if download:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), progress=True)
-            return path
-        except Exception as e:  # no network, proxy, disk: all end the same way for the user
-            why = f"download failed: {e}"
-    raise MissingWeightsError(f"{what}: '{name}' is not in the torch hub cache ({path}) and could not be fetched "
-                              f"({why}). Download {url} to that path{hint}.")
-
-
-def _read_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
+from .downloads import LPIPS_TRUNKS, TRUNK_NAMES, MissingWeightsError, weights_file
+from .weights import read_state_dict
 
 TRAIN_HINT = ", or set lpips_vgg_weights=/path/to/{name}, or set perceptual_weight=0"
 
@@ -77,7 +27,7 @@ def load_trunk_features(net: str = "vgg", path: str | Path | None = None, downlo
     url = LPIPS_TRUNKS[net]
     what = f"{TRUNK_NAMES[net]} ImageNet weights for LPIPS"
     path = weights_file(url, path, download, what, hint.format(name=Path(url).name))
-    features = {k[len("features."):]: v for k, v in _read_state_dict(path).items() if k.startswith("features.")}
+    features = {k[len("features."):]: v for k, v in read_state_dict(path).items() if k.startswith("features.")}
     if not features:
         raise MissingWeightsError(f"{path} holds no {TRUNK_NAMES[net]} 'features.*' weights")
     return features
@@ -95,8 +45,6 @@ def build_lpips(vgg_weights: str | Path | None = None, download: bool = True, pr
     The linear calibration layers ship inside the lpips package; only the trunk needs a download.
     `pretrained_trunk=False` keeps a random trunk (tests, offline smoke runs).
     """
-    import lpips
-
     features = load_trunk_features(net, vgg_weights, download, hint) if pretrained_trunk else None
     with warnings.catch_warnings():  # lpips builds its trunk with torchvision's deprecated `pretrained=False`
         warnings.simplefilter("ignore", UserWarning)

@@ -1,74 +1,27 @@
-"""Model presets: the architectures `model:` can name, built as diffusers' AutoencoderKL."""
+"""The models a run trains, and the modules its forward goes through: a KL VAE (diffusers' AutoencoderKL) from a
+preset, a config or a file, wrapped so that one forward encodes, samples and decodes; or a tiny student
+(AutoencoderTiny, the TAESD network) distilled from a frozen KL teacher.
+
+Distillation: the student's encoder learns the teacher's scaled latent mean (MSE); its decoder learns to turn the
+teacher's scaled latents into the image (reconstruction + perceptual, and the adversarial term when disc_weight >
+0), so the two halves train side by side without touching each other. As TAESD, the student works on *scaled*
+latents (its own scaling factor is 1, shift 0): a pipeline hands it the diffusion model's latents as they are.
+TAESD's training code is unpublished; what it is known to do is in ../shared/RECIPE.md ("Tiny preview VAEs").
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from diffusers import AutoencoderKL
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, AutoencoderTiny
 
+from .config import TrainConfig
 from .equivariance import Transform
-
-PRESETS = {
-    # Exactly the Stable Diffusion 1.x / 2.x VAE (KL-f8): 34,163,592 encoder + 49,490,179 decoder parameters.
-    "sd-kl-f8": dict(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.18215,
-        sample_size=512,
-    ),
-    # The same 8x / 4-channel interface, small enough to train on a laptop CPU.
-    "tiny": dict(
-        block_out_channels=(32, 64, 128, 128),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        scaling_factor=0.18215,  # a placeholder until measured on the training data
-        sample_size=256,
-    ),
-    # The SD3 / SD3.5 and FLUX.1 VAE architecture: SD 1.x's blocks with 16 latent channels and no quant convs.
-    # Their factors (SD3's here; FLUX.1: 0.3611 / 0.1159) are placeholders until measured at the end of the run.
-    "kl-f8-16ch": dict(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=32,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        sample_size=1024,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        force_upcast=True,
-    ),
-    # tiny with 16 latent channels in the SD3 / FLUX layout, for CPU runs.
-    "tiny-16ch": dict(
-        block_out_channels=(32, 64, 128, 128),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=8,
-        scaling_factor=1.0,  # placeholders until measured on the training data
-        shift_factor=0.0,
-        sample_size=256,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ),
-}
-
-
-def preset_config(name: str) -> dict:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset '{name}'. Presets: {', '.join(PRESETS)}")
-    levels = len(PRESETS[name]["block_out_channels"])
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        act_fn="silu",
-        **PRESETS[name],
-    )
+from .presets import PRESETS, STUDENT_PRESETS, preset_config
+from .sources import load_pretrained_vae
+from .weights import KL, check_config, is_tiny, model_kind, read_config_json
 
 
 def build_vae(model: str) -> AutoencoderKL:
@@ -81,7 +34,6 @@ def build_vae(model: str) -> AutoencoderKL:
     if not path.is_file():
         raise FileNotFoundError(
             f"model '{model}' is neither a preset ({', '.join(PRESETS)}) nor a diffusers config: {path} not found")
-    from .sources import check_config, read_config_json
 
     return AutoencoderKL.from_config(check_config(read_config_json(path), path))
 
@@ -140,16 +92,115 @@ def latent_logs(posterior, z: torch.Tensor) -> dict:
     return logs
 
 
-def is_tiny(vae) -> bool:
-    """A tiny student (diffusers' AutoencoderTiny, or its ONNX graphs): no posterior, latents already scaled."""
-    return type(vae).__name__ == "AutoencoderTiny" or getattr(vae, "is_tiny", False)
-
-
-def latent_mode(vae, x: torch.Tensor) -> torch.Tensor:
-    """The deterministic latent of x, unscaled: the posterior mode, or a tiny student's (AutoencoderTiny) latents."""
-    encoded = vae.encode(x)
-    return encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mode()
-
-
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def build_student(model: str, teacher):
+    """A randomly initialised AutoencoderTiny for `teacher`: its latent channels, scaling factor 1, no shift."""
+    levels = len(teacher.config.block_out_channels) - 1
+    if levels != 3:  # AutoencoderTiny downsamples 8x, fixed
+        raise ValueError(f"the teacher downsamples {2 ** levels}x; a tiny student ({model}) needs an 8x teacher")
+    return AutoencoderTiny(latent_channels=teacher.config.latent_channels, scaling_factor=1.0, shift_factor=0.0,
+                           force_upcast=False, **STUDENT_PRESETS[model])
+
+
+def load_teacher(source: str):
+    """The frozen teacher, in eval mode; the factors it scales latents by must be finite and nonzero."""
+    teacher = load_pretrained_vae(source).eval().requires_grad_(False)
+    if model_kind(teacher) != KL:
+        raise ValueError(f"teacher {source} is an {type(teacher).__name__}; the teacher is a KL VAE (AutoencoderKL)")
+    if teacher.config.get("latents_mean") is not None:
+        raise ValueError(f"teacher {source} normalises latents per channel (latents_mean / latents_std): students of "
+                         f"such VAEs are not supported yet")
+    return teacher
+
+
+def teacher_factors(teacher) -> tuple[float, float]:
+    return float(teacher.config.scaling_factor), float(teacher.config.get("shift_factor") or 0.0)
+
+
+@torch.no_grad()
+def teacher_latents(teacher, x: torch.Tensor, noise_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled mean, scaled sample): what the student's encoder is taught, and what its decoder is given. The
+    decoder sees samples (noise_seed; None: the mean too) because diffusion models learn, and produce, those."""
+    scale, shift = teacher_factors(teacher)
+    posterior = teacher.encode(x).latent_dist
+    mean = posterior.mode()
+    z = mean if noise_seed is None else posterior.sample(generator=torch.Generator(x.device).manual_seed(noise_seed))
+    return (mean - shift) * scale, (z - shift) * scale
+
+
+class DistillationForward(torch.nn.Module):
+    """The student's two halves in one forward (so that DDP wraps both): encode x against the teacher's scaled
+    mean, decode the teacher's scaled latents against x. The teacher stays outside: it is not trained, and its
+    weights stay out of the checkpoints."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.vae = student
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor, given: torch.Tensor) -> TrainingOutputs:
+        encoded = self.vae.encoder(x)
+        reconstruction = self.vae.decoder(given)
+        latent_error = F.mse_loss(encoded.float(), target.float())
+        logs = {"latent_std": encoded.detach().float().std()}
+        return TrainingOutputs(reconstruction, None, None, None, logs, latent_error)
+
+
+def last_decoder_layer(vae) -> torch.Tensor:
+    """The weight LDM's adaptive adversarial weight is measured at: the decoder's output convolution."""
+    if model_kind(vae) == KL:
+        return vae.decoder.conv_out.weight
+    return [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)][-1].weight  # AutoencoderTiny
+
+
+def training_module(cfg: TrainConfig, device):
+    """(the module every forward goes through, the frozen teacher or None): a VAE's encode-sample-decode, or with
+    `teacher` a tiny student's two halves."""
+    teacher = load_teacher(cfg.teacher).to(device) if cfg.teacher else None
+    if teacher is not None:
+        module = DistillationForward(trainable_student(cfg, teacher).train())
+    else:
+        module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
+    if cfg.channels_last:
+        for model in (module, teacher) if teacher is not None else (module,):
+            model.to(memory_format=torch.channels_last)
+    return module, teacher
+
+
+def trainable_vae(cfg: TrainConfig):
+    vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
+    if cfg.posterior_logvar_init is not None and not cfg.init_from:
+        set_posterior_logvar(vae, cfg.posterior_logvar_init)
+    if cfg.train_decoder_only:  # the sd-vae-ft-mse recipe: latents of the source VAE stay valid
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:  # SD3 / FLUX VAEs have none
+            vae.quant_conv.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    return vae
+
+
+def trainable_student(cfg: TrainConfig, teacher):
+    """A new tiny student for the teacher, or (init_from) one to go on from, such as a published TAESD."""
+    if not cfg.init_from:
+        return build_student(cfg.model, teacher)
+    student = load_pretrained_vae(cfg.init_from)
+    if not is_tiny(student):
+        raise ValueError(f"init_from {cfg.init_from} is an {type(student).__name__}; with teacher= it must be a tiny "
+                         f"student (AutoencoderTiny)")
+    if student.config.latent_channels != teacher.config.latent_channels:
+        raise ValueError(f"init_from {cfg.init_from} has {student.config.latent_channels} latent channels, the "
+                         f"teacher {teacher.config.latent_channels}")
+    return student
+
+
+@torch.no_grad()
+def set_posterior_logvar(vae, logvar: float) -> None:
+    """Start the posterior's log-variance at `logvar` everywhere: its output layer (quant_conv, or the encoder's
+    last conv where there is none) gets that bias and no weights on the log-variance half."""
+    layer = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    half = layer.out_channels // 2
+    layer.weight[half:] = 0
+    layer.bias[half:] = logvar

@@ -31,12 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderTiny
+from diffusers.configuration_utils import FrozenDict
 
-from .export import assert_finite, check_images, plain_config
+from .export import check_images
 from .files import (FolderLock, FolderLocked, atomic_json, atomic_write, describe_error, output_folder, printable,
                     remove_stale_temporaries, remove_tree)
-from .models import is_tiny
-from .sources import check_config
+from .weights import (GraphVAE, assert_finite, check_config, decode_latents, encode_latents, is_tiny, plain_config,
+                      vae_class)
 
 PARITY_BOUND = 1e-4  # max abs difference from PyTorch in fp32, on the image and the latent scale alike
 OPSET = 18
@@ -59,10 +61,8 @@ class _Encoder(torch.nn.Module):
         self.vae = vae
 
     def forward(self, image):
-        if is_tiny(self.vae):
-            return self.vae.encoder(image)
-        posterior = self.vae.encode(image).latent_dist
-        return posterior.mean, posterior.logvar
+        mean, logvar = encode_latents(self.vae, image)
+        return mean if logvar is None else (mean, logvar)
 
 
 class _Decoder(torch.nn.Module):
@@ -71,7 +71,7 @@ class _Decoder(torch.nn.Module):
         self.vae = vae
 
     def forward(self, latents):
-        return self.vae.decode(latents).sample
+        return decode_latents(self.vae, latents)
 
 
 def export_onnx(vae, folder: str | Path, bound: float = PARITY_BOUND, *, overwrite: bool = False) -> dict:
@@ -126,10 +126,9 @@ def check_parity(vae, folder: Path, bound: float = PARITY_BOUND) -> dict:
     graphs = OnnxVAE(folder)
     measured = {"encoder": 0.0, "decoder": 0.0}
     for x in (check_images(64), check_images(80)[:1, :, 16:64, :]):
-        got, want = (graphs.encode(x), vae.encode(x))
-        got, want = ([e.latents] if is_tiny(vae) else [e.latent_dist.mean, e.latent_dist.logvar] for e in (got, want))
+        got, want = ([t for t in encode_latents(model, x) if t is not None] for model in (graphs, vae))
         measured["encoder"] = max(measured["encoder"], *map(max_abs_diff, got, want))
-        decoded = max_abs_diff(graphs.decode(want[0]).sample, vae.decode(want[0]).sample)
+        decoded = max_abs_diff(decode_latents(graphs, want[0]), decode_latents(vae, want[0]))
         measured["decoder"] = max(measured["decoder"], decoded)
     for part, difference in measured.items():
         if not difference <= bound:
@@ -405,10 +404,10 @@ def check_signature(session, part: str, config: dict, path: Path) -> None:
                          f"{channels} channels and {wanted_outputs} outputs)")
 
 
-class OnnxVAE:
+class OnnxVAE(GraphVAE):
     """vae_encoder/model.onnx and vae_decoder/model.onnx (or the earlier encoder.onnx and decoder.onnx), run by
-    onnxruntime on the CPU, behind the calls VAECodec makes: encode(x).latent_dist (or .latents for a tiny
-    student) and decode(z).sample, with the exported config. Graphs that sdvae did not just write or verify in its
+    onnxruntime on the CPU behind the interface every kind of VAE has (sdvae.weights: encode_latents,
+    decode_latents, latents_are_posterior), with the exported config. Graphs that sdvae did not just write or verify in its
     cache are scanned for non-finite weights first; a graph that cannot be loaded is a ValueError naming it."""
 
     def __init__(self, folder: str | Path, threads: int | None = None):
@@ -416,7 +415,6 @@ class OnnxVAE:
             import onnxruntime
         except ImportError:
             raise ImportError("the onnxruntime backend needs onnxruntime: pip install 'sdvae[onnx]'") from None
-        from diffusers.configuration_utils import FrozenDict
 
         folder = Path(folder)
         paths = graph_files(folder)
@@ -435,7 +433,7 @@ class OnnxVAE:
             raise ValueError(f"{printable(folder)}: {paths['encoder'].relative_to(folder)} and "
                              f"{paths['decoder'].relative_to(folder)} are graphs of different VAEs (their "
                              f"sdvae.config metadata differ)")
-        self.is_tiny = configs["decoder"]["_class_name"] == "AutoencoderTiny"
+        self.latents_are_posterior = vae_class(configs["decoder"]) is not AutoencoderTiny
         self.config = FrozenDict(configs["decoder"])
 
     def _run(self, graph: str, x: torch.Tensor) -> list:
@@ -443,20 +441,12 @@ class OnnxVAE:
         feed = {session.get_inputs()[0].name: x.detach().float().contiguous().cpu().numpy()}
         return [torch.from_numpy(a) for a in session.run(None, feed)]
 
-    def encode(self, x: torch.Tensor):
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
-        from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTinyOutput
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
+    def encode_latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         outputs = self._run("encoder", x)
-        if self.is_tiny:
-            return AutoencoderTinyOutput(latents=outputs[0])
-        return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.cat(outputs, dim=1)))
+        return (outputs[0], outputs[1]) if self.latents_are_posterior else (outputs[0], None)
 
-    def decode(self, z: torch.Tensor):
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        return DecoderOutput(sample=self._run("decoder", z)[0])
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self._run("decoder", z)[0]
 
     def eval(self):
         return self

@@ -24,19 +24,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator, PartialState
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import denoiser as dn
+from .cache import CacheSettings, build_cache
+from .cache_reader import LatentShards
 from .checkpoints import _safetensors_problem, _zip_problem
+from .codec import load_vae, require_weights
 from .config import SEEDS, above, at_least, check_ranges
-from .data import seed_for
-from .inputs import list_images
-from .diagnostics import (downsample_images, equivariance, high_frequency_fraction, latent_statistics,
-                          noise_robustness, radial_profile)
+from .data import _looks_like_hf_dataset, seed_for
+from .diagnostics import (downsample_images, equivariance, high_frequency_fraction, noise_robustness, posterior_moments,
+                          radial_profile)
+from .downloads import MissingWeightsError
+from .evaluate import FID_HINT, batches, image_sources
 from .files import (LOCK_NAME, FolderLock, atomic_folder, atomic_json, atomic_write, prepare_output_folder, printable,
                     remove_tree)
-from .images import pixels_to_tensor, png_bytes
+from .images import pixels_to_tensor, png_bytes, to_uint8
+from .inputs import list_images
+from .metrics import build_fid_inception, fid_from_features, inception_features
 from .probe_report import equivariance_row, image_row, write_outputs
+from .weights import as_dtype
 
 FORMAT = 1  # part of every saved result's key: bump it when a measure changes
 
@@ -87,7 +96,6 @@ class ProbeSettings:
             raise ValueError(f"unknown denoiser {self.denoiser!r}; choose from {', '.join(dn.PRESETS)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        from .sources import as_dtype
 
         as_dtype(self.dtype)
 
@@ -99,10 +107,6 @@ class ProbeSettings:
 def probe(vaes: dict[str, str], data: str, out: str, settings: ProbeSettings | None = None, **flags) -> dict:
     """Probe every VAE on the same images; writes metrics.json, table.md and the figures to `out` and returns what
     metrics.json holds. Settings: a ProbeSettings, or its fields as keywords."""
-    from accelerate import PartialState
-
-    from .codec import load_vae, require_weights
-    from .sources import as_dtype
 
     s = dataclasses.replace(settings or ProbeSettings(), **flags)
     if PartialState().num_processes > 1:
@@ -152,8 +156,6 @@ def split_data(data: str, s: ProbeSettings):
     """(training data, held-out (name, source) pairs): --val-data when given, else every 10th image of --data
     (sorted by path), which training then leaves out. Training data is an image folder (through the latent cache)
     or a `datasets` dataset (encoded in memory). Missing or empty data is an error here, before any model loads."""
-    from .evaluate import image_sources
-
     if is_image_folder(data):
         files = list_images(data)
         sources = ((str(f.relative_to(data)), f) for f in files)
@@ -168,16 +170,12 @@ def split_data(data: str, s: ProbeSettings):
 
 
 def is_image_folder(data) -> bool:
-    from .data import _looks_like_hf_dataset
-
     path = Path(data)
     return path.is_dir() and not _looks_like_hf_dataset(path)
 
 
 def load_heldout(sources, s: ProbeSettings) -> dict:
     """The held-out images as the eval protocol crops them: uint8 (N, H, W, 3) and x in [-1, 1]."""
-    from .evaluate import batches
-
     skipped, names, arrays = [], [], []
     for batch_names, pixels in batches(iter(sources), s.resolution, False, 16, s.val_images, skipped, s.max_pixels):
         names += batch_names
@@ -192,10 +190,6 @@ def load_heldout(sources, s: ProbeSettings) -> dict:
 def train_latents(codec, name: str, train_data: dict, s: ProbeSettings, out: Path) -> dict:
     """The training images' posterior means and stds (N, C, h, w), raw, with the mirrored crops as more rows.
     Folders go through the latent cache (<out>/latent-shards/<name>: encoded once, reused when the probe runs again)."""
-    from .cache import CacheSettings, build_cache
-    from .cache_reader import LatentShards
-    from .evaluate import batches, image_sources
-
     data = Path(train_data["data"])
     if is_image_folder(data):
         cache_dir = out / "latent-shards" / name  # (latents/: the index.json caches of earlier versions)
@@ -226,10 +220,6 @@ def train_latents(codec, name: str, train_data: dict, s: ProbeSettings, out: Pat
 
 def load_inception(pixels: np.ndarray, s: ProbeSettings, device):
     """(FID network or None, why FID is skipped or None, the held-out images' features)."""
-    from .evaluate import FID_HINT
-    from .losses import MissingWeightsError
-    from .metrics import build_fid_inception, inception_features
-
     if s.no_fid:
         return None, "turned off (--no-fid)", None
     if s.samples < 2:
@@ -256,7 +246,7 @@ def probe_vae(name, codec, path, train_data, heldout, s, out, inception, real_fe
     seconds = {}
     start = time.time()
     latents = train_latents(codec, name, train_data, s, out)
-    stats = latent_statistics(latents["mean"], latents["std"])
+    stats = posterior_moments(latents["mean"], latents["std"])
     seconds["encode_and_stats"] = time.time() - start
 
     start = time.time()
@@ -281,8 +271,6 @@ def probe_vae(name, codec, path, train_data, heldout, s, out, inception, real_fe
     samples = draw_samples(run["model"], decode, stats, zn.shape[1:], s)
     gfid = None
     if inception is not None:
-        from .metrics import fid_from_features, inception_features
-
         fake = np.concatenate([inception_features(inception, torch.from_numpy(samples[i:i + 32]).permute(0, 3, 1, 2))
                                for i in range(0, len(samples), 32)])
         gfid = fid_from_features(real_features, fake)
@@ -339,8 +327,6 @@ def result_key(model, train_data: dict, heldout: dict, s: ProbeSettings) -> str:
 
 def train_probe(name: str, latents: dict, heldout_z: torch.Tensor, s: ProbeSettings, out: Path) -> dict:
     """Train the denoiser on one VAE's normalised latents; resumes from <out>/denoisers/<name> when it is there."""
-    from accelerate import Accelerator
-
     accelerator = Accelerator(mixed_precision=s.mixed_precision, cpu=(s.device == "cpu"))
     channels, size = heldout_z.shape[1], heldout_z.shape[-1]
     model = dn.build_denoiser(s.denoiser, channels, size, s.seed)
@@ -409,8 +395,6 @@ def fix_steps(out: Path, steps: int) -> int:
 def save_denoiser(folder: Path, model, optimizer, state: dict, s: ProbeSettings) -> None:
     """The denoiser, its optimiser and the loop's position, written whole or not at all. The checkpoint it
     replaces is kept as <folder>.previous: what a probe resumes from when this one is found damaged."""
-    from safetensors.torch import save_file
-
     inner = model.module if hasattr(model, "module") else model
     with atomic_folder(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}, tmp / "model.safetensors")
@@ -451,8 +435,6 @@ def read_denoiser(folder: Path, model, optimizer, s: ProbeSettings) -> dict | No
     """Load the checkpoint in <folder> into the model and optimiser and return its loop position; None (and nothing
     loaded) when it was saved with other settings. A ValueError naming the file when it is damaged, raised before
     the model or the optimiser changes."""
-    from safetensors.torch import load_file
-
     problem = denoiser_problem(folder)
     if problem:
         raise ValueError(problem)
@@ -503,8 +485,6 @@ def _resume_settings(s: ProbeSettings) -> dict:
 @torch.no_grad()
 def draw_samples(model, decode, stats: dict, shape, s: ProbeSettings) -> np.ndarray:
     """s.samples images from fixed seeds (sample i: noise seeded by (seed, i)), decoded: uint8 (N, H, W, 3)."""
-    from .metrics import to_uint8
-
     device = next(model.parameters()).device
     images = []
     for i in range(0, s.samples, 32):

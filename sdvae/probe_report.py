@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from .denoiser import white_noise_loss
 from .diagnostics import transforms
+from .evaluate import _font, paired_difference, paired_table
 from .files import atomic_json, atomic_write
-from .images import png_bytes
-from .metrics import label_band, stack, to_uint8
+from .images import png_bytes, to_uint8
+from .pictures import label_band, stack
 
 GAP = 4
 # what each combined picture's columns hold, written above it
@@ -32,8 +34,6 @@ PAIRED = {
 
 
 def write_outputs(out: Path, result: dict, heldout: dict) -> None:
-    from .evaluate import paired_difference
-
     vaes = list(result["vaes"])
     result["paired"] = []
     for label, (where, _) in PAIRED.items():
@@ -65,8 +65,6 @@ def _mean(values) -> float:
 
 
 def markdown_table(result: dict) -> str:
-    from .evaluate import paired_table
-
     p = result["protocol"]
     s = p["settings"]
     lines = [f"Diffusion probe on `{result['data']}`: {p['heldout_images']} held-out images"
@@ -114,8 +112,6 @@ def _figure_png(fig) -> bytes:
 
 
 def spectrum_plot(result: dict):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     f, p = result["image_spectrum"]["profile"]
@@ -134,8 +130,6 @@ def spectrum_plot(result: dict):
 
 
 def loss_plot(result: dict):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     for k, (v, r) in enumerate(result["vaes"].items()):
@@ -192,8 +186,6 @@ def equivariance_labels() -> list[str]:
 def labelled_rows(rows: dict, title: str = "") -> Image.Image:
     """One row per VAE, its name above it; `title` (wrapped) on top. A row of equal square tiles without labels of
     its own (samples) gets its columns numbered."""
-    from .evaluate import _font
-
     width = max(r.width for r in rows.values())
     parts = [label_band([(0, width, title)], width)] if title else []
     for name, row in rows.items():

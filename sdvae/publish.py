@@ -27,8 +27,8 @@ from .cache_reader import read_manifest
 from .config import read_config_file
 from .export import save_diffusers, save_single_file, save_taesd, taesd_incompatibility, ui_incompatibility
 from .files import LOCK_NAME, OUTPUT_RECORD, describe_error, output_folder, printable, refuse_foreign_output
-from .models import is_tiny
 from .sources import load_pretrained_vae
+from .weights import is_tiny
 
 # The run's pictures the card shows, with their alt text (what each picture's layout is).
 PICTURES = {
@@ -253,20 +253,20 @@ def copy_picture(source: Path, target: Path) -> bool:
 
 
 def model_card(vae, repo_id: str, name: str, license: str, files: RunFiles) -> str:
-    kind = type(vae).__name__
+    class_name = type(vae).__name__  # AutoencoderKL / AutoencoderTiny: what diffusers users load it with
     config = files.config or {}
     meta = dict(library_name="diffusers", license=license,
-                tags=["sdvae", "vae", "autoencoder", "stable-diffusion", kind])
+                tags=["sdvae", "vae", "autoencoder", "stable-diffusion", class_name])
     scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             f"A {vae.config.latent_channels}-channel {kind} ({downsampling(vae)}x downsampling) trained with sdvae. "
+             f"A {vae.config.latent_channels}-channel {class_name} ({downsampling(vae)}x downsampling) trained with sdvae. "
              f"Latents for diffusion: `(z - shift_factor) * scaling_factor` with scaling_factor **{scale:.6g}**"
              + (f" and shift_factor **{shift:.6g}**." if shift else "."), ""]
     if config.get("teacher"):
         lines += [f"A tiny preview decoder distilled from `{config['teacher']}`: it takes that VAE's *scaled* latents "
                   f"as they are (its own factors are 1 and 0).", ""]
-    lines += usage(kind, repo_id)
-    lines += clients(vae, repo_id, name) if kind == "AutoencoderKL" else previews(vae)
+    lines += usage(vae, repo_id)
+    lines += previews(vae) if is_tiny(vae) else clients(vae, repo_id, name)
     lines += results(files)
     if files.config:
         lines += ["## Training configuration", "", "```yaml", yaml.safe_dump(files.config, sort_keys=False).strip(),
@@ -280,11 +280,12 @@ def downsampling(vae) -> int:
     return 2 ** (len(blocks) - 1)
 
 
-def usage(kind: str, repo_id: str) -> list:
-    return ["## Use it", "", "```python", f"from diffusers import {kind}", "",
-            f'vae = {kind}.from_pretrained("{repo_id}")',
+def usage(vae, repo_id: str) -> list:
+    class_name = type(vae).__name__
+    return ["## Use it", "", "```python", f"from diffusers import {class_name}", "",
+            f'vae = {class_name}.from_pretrained("{repo_id}")',
             *(["latents = vae.encode(images).latents  # images: (B, 3, H, W) in [-1, 1]; already scaled"]
-              if kind != "AutoencoderKL" else [
+              if is_tiny(vae) else [
               "z = vae.encode(images).latent_dist.mode()  # images: (B, 3, H, W) in [-1, 1]",
               "latents = (z - (vae.config.shift_factor or 0)) * vae.config.scaling_factor  # what diffusion sees",
               "images = vae.decode(latents / vae.config.scaling_factor + (vae.config.shift_factor or 0)).sample"]),

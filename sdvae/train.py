@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,21 +26,27 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from .checkpoints import (CheckpointError, TrainState, completed_checkpoints, find_checkpoint, has_discriminator,
-                          last_good, load_ema, save_checkpoint, set_aside_later_checkpoints)
+from .checkpoints import (CheckpointError, TrainState, find_checkpoint, has_discriminator, last_good, load_ema,
+                          save_checkpoint, set_aside_later_checkpoints)
 from .config import TrainConfig, save_config
-from .sources import cpu_has_fast_16bit, load_pretrained_vae
 from .data import build_dataset, collate, seed_for
-from .errors import TrainingInterrupted
 from .discriminator import NLayerDiscriminator, discriminator_term, generator_term
-from .distill import DistillationForward, build_student, last_decoder_layer, load_teacher, teacher_latents
+from .downloads import VGG16_URL, weights_file
 from .equivariance import Equivariance
+from .errors import TrainingInterrupted
+from .export import save_diffusers
 from .files import (STALE_PATTERNS, FolderLock, FolderLocked, ForeignOutput, atomic_json, atomic_write,
                     refuse_foreign_output, remove_stale_temporaries, write_failure)
 from .images import png_bytes
-from .losses import TRAIN_HINT, VGG16_URL, AutoencoderLoss, build_lpips, weights_file
-from .metrics import comparison_grid, error_figure, reconstruct, score, summarise
-from .models import VAETrainingForward, build_vae, is_tiny
+from .latents import latent_statistics
+from .losses import TRAIN_HINT, AutoencoderLoss, build_lpips
+from .metrics import reconstruct, score, summarise
+from .models import last_decoder_layer, teacher_latents, training_module
+from .pictures import comparison_grid, error_figure
+from .processes import all_processes_agree, several_processes_without_gpu
+from .progress import LogWindow, advance, report_skipped, write_log
+from .safety import StepGuard, StopSignals, count_nonfinite, ignore_stop_signals, nonfinite_problem
+from .weights import cpu_has_fast_16bit
 
 log = logging.getLogger("sdvae")
 
@@ -58,9 +63,9 @@ def train(cfg: TrainConfig) -> dict:
             if state.step >= cfg.max_steps or out_of_time(cfg, state):
                 return nothing_to_do(run)
             start_run_folder(run)
-            at_start = evaluate(run.vae, run.val_batches, accelerator.device) if (
+            at_start = validate(run.vae, run.val_batches, accelerator.device) if (
                 run.val_batches and main and not cfg.resume) else None  # the baseline of the final scores
-            window, micro_batches = LogWindow(), batches(run)
+            window, micro_batches = LogWindow(), readable_batches(run)
             stop, signum, trained_before = False, 0, state.train_seconds
             with tqdm(total=cfg.max_steps, initial=state.step, disable=not main, desc="train", unit="step") as progress:
                 while not stop:
@@ -110,12 +115,6 @@ def make_accelerator(cfg: TrainConfig, out: Path) -> Accelerator:
     )
 
 
-def several_processes_without_gpu() -> bool:
-    """torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: Accelerate forms the gloo group
-    only when told it runs on CPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 @contextlib.contextmanager
 def lock_run_folder(accelerator, out: Path):
     """One run per folder: the main process holds the lock; if it cannot get it, every process stops."""
@@ -142,42 +141,6 @@ def left_by_a_run(out: Path) -> bool:
         return True
     entries = list(out.iterdir()) if out.is_dir() else []
     return bool(entries) and all(any(p.match(pattern) for pattern in STALE_PATTERNS) for p in entries)
-
-
-class StopSignals:
-    """The first SIGINT or SIGTERM asks the loop to stop after the current optimiser step, with a checkpoint.
-    Another one exits at once, unless it comes within a second of the first: launchers (torchrun) forward the
-    signal the terminal already sent to every process."""
-
-    def __init__(self, announce: bool = True):
-        self.signum, self.first_at, self.previous, self.announce = 0, 0.0, {}, announce
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if not self.signum:
-            self.signum, self.first_at = signum, time.monotonic()
-            if self.announce:
-                os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                            f"(again to exit at once)\n".encode())
-        elif time.monotonic() - self.first_at > 1.0:
-            os.write(2, f"{signal.Signals(signum).name} again: exiting without a checkpoint\n".encode())
-            os._exit(128 + signum)
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader workers: a Ctrl-C reaches the whole process group, and a worker that died of it would end the
-    step the main process is finishing. The main process stops them when it is done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -267,20 +230,6 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     return run
 
 
-def training_module(cfg: TrainConfig, device):
-    """(the module every forward goes through, the frozen teacher or None): a VAE's encode-sample-decode, or with
-    `teacher` a tiny student's two halves."""
-    teacher = load_teacher(cfg.teacher).to(device) if cfg.teacher else None
-    if teacher is not None:
-        module = DistillationForward(trainable_student(cfg, teacher).train())
-    else:
-        module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
-    if cfg.channels_last:
-        for model in (module, teacher) if teacher is not None else (module,):
-            model.to(memory_format=torch.channels_last)
-    return module, teacher
-
-
 def loader_workers(cfg: TrainConfig, accelerator) -> int:
     """On the CPU, loader processes take cores from the compute threads; on a GPU they decode while it computes.
     A preset's workers (8, for a GPU machine) are capped to the CPUs this process has."""
@@ -293,43 +242,6 @@ def loader_workers(cfg: TrainConfig, accelerator) -> int:
     if accelerator.device.type == "cpu":
         return 0
     return max(1, min(8, cpus - 1))
-
-
-def trainable_vae(cfg: TrainConfig):
-    vae = load_pretrained_vae(cfg.init_from) if cfg.init_from else build_vae(cfg.model)
-    if cfg.posterior_logvar_init is not None and not cfg.init_from:
-        set_posterior_logvar(vae, cfg.posterior_logvar_init)
-    if cfg.train_decoder_only:  # the sd-vae-ft-mse recipe: latents of the source VAE stay valid
-        vae.encoder.requires_grad_(False)
-        if vae.quant_conv is not None:  # SD3 / FLUX VAEs have none
-            vae.quant_conv.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    return vae
-
-
-def trainable_student(cfg: TrainConfig, teacher):
-    """A new tiny student for the teacher, or (init_from) one to go on from, such as a published TAESD."""
-    if not cfg.init_from:
-        return build_student(cfg.model, teacher)
-    student = load_pretrained_vae(cfg.init_from)
-    if not is_tiny(student):
-        raise ValueError(f"init_from {cfg.init_from} is an {type(student).__name__}; with teacher= it must be a tiny "
-                         f"student (AutoencoderTiny)")
-    if student.config.latent_channels != teacher.config.latent_channels:
-        raise ValueError(f"init_from {cfg.init_from} has {student.config.latent_channels} latent channels, the "
-                         f"teacher {teacher.config.latent_channels}")
-    return student
-
-
-@torch.no_grad()
-def set_posterior_logvar(vae, logvar: float) -> None:
-    """Start the posterior's log-variance at `logvar` everywhere: its output layer (quant_conv, or the encoder's
-    last conv where there is none) gets that bias and no weights on the log-variance half."""
-    layer = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
-    half = layer.out_channels // 2
-    layer.weight[half:] = 0
-    layer.bias[half:] = logvar
 
 
 def lr_scale(cfg: TrainConfig, accelerator) -> int:
@@ -383,7 +295,7 @@ def start_run_folder(run: Run) -> None:
         accelerator.print("perceptual loss: off (perceptual_weight=0)")
 
 
-def batches(run: Run):
+def readable_batches(run: Run):
     """The readable micro-batches from where the run stands, epoch after epoch, for ever. Files that cannot be
     read are named (up to skip_log_limit) and counted; a whole epoch without one readable image is an error."""
     state, accelerator = run.state, run.accelerator
@@ -442,15 +354,6 @@ def train_step(run: Run, micro_batches) -> tuple[list, int] | None:
     return count_nonfinite(run, problem) if problem else (window, images)
 
 
-def nonfinite_problem(accelerator, losses: list, grad_norm: torch.Tensor) -> str | None:
-    """None when every process's losses and gradient norm are finite, found with one wait for the device in all;
-    else which of them was not. (fp16's scaler skips steps with non-finite gradients itself, and lowers its scale.)"""
-    checked = losses + ([grad_norm] if accelerator.scaler is None else [])
-    if all_processes_agree(accelerator, bool(torch.isfinite(torch.stack([t.float() for t in checked])).all())):
-        return None
-    return "gradient" if all_processes_agree(accelerator, bool(torch.isfinite(torch.stack(losses)).all())) else "loss"
-
-
 def vae_backward(run: Run, x: torch.Tensor, use_disc: bool):
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     if cfg.channels_last:
@@ -483,129 +386,6 @@ def equivariance_transform(run: Run, x: torch.Tensor, noise_seed: int):
     return run.equivariance.draw(seed_for(noise_seed, 1), (x.shape[-2] // factor, x.shape[-1] // factor))
 
 
-def count_nonfinite(run: Run, problem: str) -> None:
-    state = run.state
-    state.nonfinite_steps, state.nonfinite_in_a_row = state.nonfinite_steps + 1, state.nonfinite_in_a_row + 1
-    log.warning("non-finite %s at step %d: step skipped (%d in a row)", problem, state.step, state.nonfinite_in_a_row)
-    if state.nonfinite_in_a_row >= run.cfg.max_nonfinite_steps:
-        done = (completed_checkpoints(run.out) or ["none written yet"])[-1]
-        raise RuntimeError(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step} (last: "
-                           f"{problem}): stopping. Last good checkpoint: {done}. Try a lower learning_rate, "
-                           f"mixed_precision=no or bf16, or max_grad_norm.")
-    return None
-
-
-class StepGuard:
-    """Undo for an optimiser step: the weights and optimiser state from before it are copied into kept buffers,
-    and back when the update left a weight NaN or infinite (an infinite learning rate, an overflow)."""
-
-    def __init__(self, params: list, optimizers: list):
-        self.params, self.optimizers, self.saved = params, optimizers, None
-
-    def _state(self) -> list[tuple[dict, str]]:
-        return [(s, k) for o in self.optimizers for s in o.state.values() for k, v in s.items() if torch.is_tensor(v)]
-
-    def save(self) -> None:
-        entries = self._state()
-        tensors = [p.detach() for p in self.params] + [s[k] for s, k in entries]
-        if self.saved is None or len(self.saved) != len(tensors):  # the optimiser's state appears on its first step
-            self.saved = [t.clone() for t in tensors]
-        else:
-            copy_all(self.saved, tensors)
-        self.had_state = [{p: set(s) for p, s in o.state.items()} for o in self.optimizers]
-
-    def finite(self) -> bool:
-        """Exact and cheap: a NaN or inf makes its tensor's 2-norm non-finite, so finite norms settle it with one
-        fused reduction; only a non-finite norm (which huge finite weights can also give) looks element-wise."""
-        tensors = [p.detach() for p in self.params]
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
-            return True
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-    def restore(self) -> None:
-        for optimizer, had in zip(self.optimizers, self.had_state):
-            for p, state in list(optimizer.state.items()):  # state the failed step created goes
-                if p not in had:
-                    del optimizer.state[p]
-                for key in set(state) - had.get(p, set()):
-                    del state[key]
-        entries = self._state()
-        copy_all([p.detach() for p in self.params] + [s[k] for s, k in entries], self.saved)
-
-
-def copy_all(destinations: list, sources: list) -> None:
-    """One fused copy per device and dtype (Adam's step counters stay on the CPU when the weights are on a GPU)."""
-    groups: dict = {}
-    for d, s in zip(destinations, sources):
-        group = groups.setdefault((d.device, d.dtype, s.device), ([], []))
-        group[0].append(d)
-        group[1].append(s)
-    for d, s in groups.values():
-        torch._foreach_copy_(d, s)
-
-
-class LogWindow:
-    """Means of the logged values since the last log line, each over the micro-batches that have it (grad_norm
-    comes once per optimiser step, d_loss only after disc_start), and images/s over the same time."""
-
-    def __init__(self):
-        self.started = self.window_start = time.time()
-        self.images_seen, self.first, self.last = 0, {}, {}
-        self.sums, self.counts, self.images = {}, {}, 0
-
-    def add(self, logs: list[dict], images: int) -> None:
-        for micro_batch in logs:
-            for k, v in micro_batch.items():  # summed on the device: no host sync until a log line is written
-                self.sums[k] = self.sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v)
-                self.counts[k] = self.counts.get(k, 0) + 1
-        self.images += images
-        self.images_seen += images
-
-    def flush(self, **extra) -> dict:
-        now = time.time()
-        means = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
-        means.update(images_per_sec=self.images / max(now - self.window_start, 1e-9), **extra)
-        self.first, self.last = self.first or means, means
-        self.sums, self.counts, self.images, self.window_start = {}, {}, 0, now
-        return means
-
-
-def write_log(run: Run, window: LogWindow, progress) -> None:
-    state = run.state
-    means = window.flush(lr=run.optimizer.param_groups[0]["lr"], skipped_files=len(state.skipped),
-                         nonfinite_steps=state.nonfinite_steps, epoch=state.epoch)
-    if run.ema is not None:
-        means["ema_decay"] = run.ema.cur_decay_value
-    run.accelerator.log({f"train/{k}": v for k, v in means.items()}, step=state.step)
-    progress.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_sec']:.3g}")
-
-
-def advance(progress, cfg, state: TrainState, started: float, stop: bool, signum: int = 0) -> None:
-    """One step on the bar, whose total is the step the run stops at: max_steps, the last step, or for a
-    time-limited run the estimate, which never falls behind while time is left. A run stopped by a signal keeps
-    its total: the bar shows how far it got, not 100%."""
-    step = progress.n + 1
-    if stop and signum:
-        progress.set_postfix_str(f"stopped by {signal.Signals(signum).name}", refresh=False)
-    elif stop:
-        progress.total = step
-    elif cfg.max_minutes > 0:
-        estimate = max(step + 1, steps_in_time(cfg, step, step - progress.initial, time.time() - started,
-                                               state.train_seconds))
-        if step >= progress.total or abs(estimate - progress.total) > 0.1 * progress.total:
-            progress.total = estimate  # moved only when the rate changed much: a total that jumps every step
-    progress.update(1)              # makes the bar's ETA meaningless
-
-
-def steps_in_time(cfg, step: int, steps_done: int, seconds_here: float, seconds_trained: float) -> int:
-    """The step the run will stop at: max_steps, or where max_minutes ends it at this session's rate, whichever
-    comes first, so that the progress bar and its ETA tell the truth about a time-limited run. seconds_trained
-    counts earlier sessions of a resumed run too."""
-    left = max(cfg.max_minutes * 60 - seconds_trained, 0.0)
-    expected = step + round(steps_done / max(seconds_here, 1e-9) * left)
-    return max(step, min(cfg.max_steps, expected))
-
-
 def stop_reason(run: Run, signals: StopSignals) -> tuple[bool, int]:
     """(stop after this step, the signal that asked for it or 0), the same on every process."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
@@ -632,8 +412,6 @@ def interrupted(run: Run, signum: int) -> TrainingInterrupted:
 
 def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
     """Export (the EMA weights when kept), score the held-out images with them, write metrics.json."""
-    from .export import save_diffusers
-
     cfg, accelerator, vae, out = run.cfg, run.accelerator, run.vae, run.out
     elapsed = time.time() - window.started
     accelerator.wait_for_everyone()
@@ -657,7 +435,7 @@ def finish(run: Run, window: LogWindow, at_start: dict | None) -> dict:
                    model_class=type(vae).__name__, teacher=cfg.teacher,
                    latent_factors=factors)
     if run.val_batches:  # scored with the exported weights
-        metrics["validation"] = evaluate(vae, run.val_batches, accelerator.device)
+        metrics["validation"] = validate(vae, run.val_batches, accelerator.device)
         if at_start:
             metrics["validation_at_start"] = at_start
     with reported_write("metrics.json and reconstructions.png", out):
@@ -675,8 +453,6 @@ def measure_factors(run: Run) -> dict:
     """A VAE whose encoder trained gets its latents' scaling_factor (and shift_factor where its config has one, the
     SD3 / FLUX convention) measured as `sdvae stats` does, on the first measure_factors_images training images, into
     the config it is exported with. A frozen encoder keeps the source's: its latents must stay valid."""
-    from .latents import latent_statistics
-
     cfg, vae = run.cfg, run.vae
     kept = dict(scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.get("shift_factor"))
     wanted = cfg.measure_factors if cfg.measure_factors is not None else not (cfg.train_decoder_only or cfg.teacher)
@@ -751,7 +527,7 @@ def load_validation(cfg: TrainConfig, train_dataset):
 
 
 @torch.no_grad()
-def evaluate(vae, batches, device) -> dict:
+def validate(vae, batches, device) -> dict:
     was_training = vae.training
     vae.eval()
     values = {"psnr": [], "ssim": []}
@@ -796,20 +572,3 @@ def build_discriminator(cfg: TrainConfig, accelerator) -> torch.nn.Module:
     return disc
 
 
-def all_processes_agree(accelerator, flag: bool) -> bool:
-    """True only if `flag` is true on every process."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() == 0)
-
-
-def report_skipped(batch_skipped, skipped: set, limit: int) -> None:
-    for name, error in batch_skipped:
-        if name in skipped:
-            continue
-        skipped.add(name)
-        if len(skipped) <= limit:
-            log.warning("skipped unreadable image %s (%s)", name, error)
-        elif len(skipped) == limit + 1:
-            log.warning("more unreadable images: counting them without naming each (see metrics.json)")

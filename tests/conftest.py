@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdvae.demo import load_photo
+from sdvae.images import load_photo
 from sdvae.models import build_vae
 
 # PyTorch unless a test asks for load_vae's default "auto" path (tests/test_onnx.py): an ONNX export of each test

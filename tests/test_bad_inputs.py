@@ -136,6 +136,7 @@ def one_line_error(capsys, *needles) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_encode_skips_and_names_each_bad_image_and_encodes_the_rest(corpus, tmp_path):
     out = sdvae("encode", corpus["images"], "--vae", corpus["vae"], "--out", tmp_path / "z",
                 "--max-pixels", MAX_PIXELS)
@@ -149,6 +150,7 @@ def test_encode_skips_and_names_each_bad_image_and_encodes_the_rest(corpus, tmp_
     assert f"{len(written)} latents" in out.stdout and "huge.png: 400x300 is over max_pixels" in out.stderr
 
 
+@pytest.mark.slow
 def test_a_fifo_or_device_given_as_input_is_a_skip_never_a_hang(corpus, tmp_path):
     out = sdvae("encode", corpus["images"] / "pipe.png", "/dev/zero", corpus["photos"] / "a.png", "--vae",
                 corpus["vae"], "--out", tmp_path / "z", timeout=120)
@@ -158,6 +160,7 @@ def test_a_fifo_or_device_given_as_input_is_a_skip_never_a_hang(corpus, tmp_path
     assert out.returncode == 2 and "nothing to encode" in out.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_decode_skips_and_names_each_bad_latent_file(corpus, tmp_path):
     out = sdvae("decode", corpus["latents"], "--vae", corpus["vae"], "--out", tmp_path / "png")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -169,6 +172,7 @@ def test_decode_skips_and_names_each_bad_latent_file(corpus, tmp_path):
         Path(n).with_suffix(".png").name for n in corpus["good_latents"])
 
 
+@pytest.mark.slow
 def test_eval_stats_cache_and_train_count_the_bad_images_and_use_the_good(corpus, tmp_path):
     data, vae, bad = corpus["images"], corpus["vae"], set(corpus["bad"])
     out = sdvae("eval", "--vae", vae, "--data", data, "--out", tmp_path / "eval", "--resolution", "32", "--no-lpips",
@@ -223,6 +227,7 @@ def test_every_broken_vae_is_one_line_naming_it_in_every_command(corpus, tmp_pat
         assert not written, (kind, written)  # nothing that looks like a result
 
 
+@pytest.mark.slow
 def test_broken_vae_configs_name_the_key(corpus, capsys):
     keys = {"zero_scaling": "scaling_factor", "nan_scaling": "scaling_factor", "string_scaling": "scaling_factor",
             "bad_blocks": "block_out_channels", "negative_latents": "latent_channels",

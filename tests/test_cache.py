@@ -14,8 +14,8 @@ from PIL import Image
 import sdvae
 from sdvae.cache import build_cache, bucket_sizes
 from sdvae.cache_reader import LatentShards
-from sdvae.data import open_image
-from sdvae.demo import load_photo
+from sdvae.images import open_image
+from sdvae.images import load_photo
 
 # (name, photo, width, height): squares, 2:1, 4:1 and portraits, so several buckets at 64 px
 IMAGES = [("sq-a.png", "astronaut", 96, 96), ("sq-b.jpg", "chelsea", 72, 72), ("sq-c.png", "coffee", 64, 64),
@@ -249,6 +249,7 @@ def test_batches_hold_one_bucket_and_ranks_split_the_rows(tmp_path, images, code
     assert not torch.equal(z, LatentShards.sample(item, torch.Generator().manual_seed(6)))
 
 
+@pytest.mark.slow
 def test_datasets_reads_the_cache_without_sdvae(tmp_path, images, codec):
     build_cache(codec, images, tmp_path / "cache", flip=True, **dict(FAST, shard_size=5))
     script = f"""

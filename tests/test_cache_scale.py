@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sdvae.cache_reader import LatentShards
-from sdvae.demo import load_photo
+from sdvae.images import load_photo
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "immunohistochemistry")
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -172,3 +172,23 @@ def test_the_ray_engine_gives_what_one_process_gives(tmp_path, vae_dir):
     assert_same(items(tmp_path / "ray"), items(tmp_path / "one"))
     pids = {json.loads(p.read_text())["pid"] for p in (tmp_path / "ray" / "done").glob("*.json")}
     assert os.getpid() not in pids and len(pids) >= 1  # the actors did the units
+
+
+def test_a_ray_actor_encodes_only_the_units_it_is_handed_as_one_process_would(tmp_path, vae_dir):
+    """The actor's work without a Ray cluster: it takes the units in its batch, no others, and reports them."""
+    from sdvae.cache import CacheSettings, build_cache
+    from sdvae.cache_ray import _UnitEncoder, build_cache_ray
+
+    data = write_shards(tmp_path / "shards", shards=3, per_shard=2)
+    settings = CacheSettings(resolution=64, num_workers=0, batch_size=4, backend="pytorch")
+    actor = _UnitEncoder(str(vae_dir), str(data / "*.tar"), str(tmp_path / "actor"), settings)
+    rows = actor({"unit": ["00001.tar"]})
+    assert rows["unit"] == ["00001.tar"] and rows["encoded"] == [2] and rows["encoded_units"] == [1]
+    assert sorted(p.stem for p in (tmp_path / "actor" / "done").glob("*.json")) == ["00001.tar"]
+    # the driver finishes what the actors left, as build_cache_ray does: the other two units, and the manifest
+    rest = build_cache(str(vae_dir), str(data / "*.tar"), tmp_path / "actor", settings, progress=False)
+    assert rest["encoded_units"] == 2
+    build_cache(str(vae_dir), str(data / "*.tar"), tmp_path / "one", settings, progress=False)
+    assert_same(items(tmp_path / "actor"), items(tmp_path / "one"))
+    with pytest.raises(ValueError, match="--ray-actors must be at least 1"):
+        build_cache_ray(str(vae_dir), str(data / "*.tar"), tmp_path / "x", settings, actors=0)

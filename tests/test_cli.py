@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdvae.cli import main
-from sdvae.demo import load_photo
+from sdvae.images import load_photo
 
 
 @pytest.fixture
@@ -87,6 +87,7 @@ def test_cache_of_only_unreadable_files_fails(vae_dir, not_images, tmp_path, cap
     assert "broken.png" in error(capsys)
 
 
+@pytest.mark.slow
 def test_decode_skips_and_names_what_is_not_a_latent_file(vae_dir, images, tmp_path, capsys):
     latents, out = tmp_path / "latents", tmp_path / "decoded"
     assert main(["encode", str(images), "--vae", str(vae_dir), "--out", str(latents)]) == 0
@@ -128,6 +129,7 @@ def test_vae_run_folder_before_its_export_says_so(images, tmp_path, capsys):
     assert str(run) in err and "vae/" in err and "init_from" not in err
 
 
+@pytest.mark.slow
 def test_new_run_in_a_used_run_folder_sets_the_old_checkpoints_aside(images, tmp_path, capsys):
     """Else its checkpoints would be pruned in favour of the old run's later ones, and --resume latest pick those."""
     run = tmp_path / "run"

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 import sdvae
-from sdvae.demo import load_photo
+from sdvae.images import load_photo
 from sdvae.models import build_vae
 
 
@@ -131,6 +131,7 @@ def test_tiled_encode_and_decode_match_untiled_on_a_photo(codec, tile_size):
     assert (blended - x).abs().max() > 100 * (x_tiled - x).abs().max()
 
 
+@pytest.mark.slow
 def test_tiled_decode_of_the_sd_architecture_and_spilling_to_disk(monkeypatch):
     from sdvae import tiling
 
@@ -214,7 +215,7 @@ def test_fp16_force_upcast_without_quant_convs(tmp_path):
     """FLUX.1's VAE: use_quant_conv=False (quant_conv is None) and force_upcast=True."""
     from diffusers import AutoencoderKL
 
-    from sdvae.models import preset_config
+    from sdvae.presets import preset_config
 
     torch.manual_seed(0)
     AutoencoderKL(**preset_config("tiny"), use_quant_conv=False, use_post_quant_conv=False).save_pretrained(tmp_path)

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from sdvae.convert import diffusers_to_ldm, ldm_to_diffusers, modernise_diffusers_keys
+from sdvae.layouts import diffusers_to_ldm, ldm_to_diffusers, modernise_diffusers_keys
 from sdvae.sources import config_from_state
-from sdvae.models import build_vae, preset_config
+from sdvae.models import build_vae
+from sdvae.presets import preset_config
 
 
 @pytest.mark.parametrize("preset", ["tiny", "sd-kl-f8"])
@@ -30,6 +31,7 @@ def test_old_diffusers_attention_names_are_renamed():
     assert modernise_diffusers_keys(old).keys() == state.keys()
 
 
+@pytest.mark.slow
 def test_convert_both_ways_is_bit_identical_and_loads_in_diffusers(tmp_path):
     from diffusers import AutoencoderKL
 
@@ -197,7 +199,7 @@ def test_a_diffusers_weights_file_reads_the_config_beside_it(tmp_path):
 
 
 def test_a_garbage_checkpoint_is_a_clear_error(tmp_path):
-    from sdvae.sources import read_state_dict
+    from sdvae.weights import read_state_dict
 
     (tmp_path / "garbage.ckpt").write_bytes(b"PK\x03\x04 not a checkpoint at all" * 10)
     with pytest.raises(ValueError, match="garbage.ckpt is not a readable torch checkpoint"):

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdvae.data import ImageFolder, build_dataset, collate, open_image
-from sdvae.demo import load_photo
+from sdvae.data import ImageFolder, build_dataset, collate
+from sdvae.images import open_image
+from sdvae.images import load_photo
 
 
 def real_photo(size=(80, 60)):

@@ -1,3 +1,4 @@
+import pytest
 import json
 import re
 import subprocess
@@ -10,9 +11,10 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from sdvae.config import field_names
-from sdvae.demo import load_photo
+from sdvae.images import load_photo
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_exports_a_diffusers_vae(tmp_path):
     """`sdvae train` with no data: the embedded demo, cut to a few steps."""
     env = {"TORCH_HOME": str(tmp_path / "torch"), "PATH": "", "HF_HUB_OFFLINE": "1"}

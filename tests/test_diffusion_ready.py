@@ -85,6 +85,7 @@ def test_the_term_changes_the_decoders_gradients_when_on_and_costs_nothing_when_
     assert out.equivariant[0].shape == out.equivariant[1].shape == (2, 3, 40, 40)
 
 
+@pytest.mark.slow
 def test_resume_with_the_term_on_is_bit_identical(tmp_path, photos):
     settings = dict(max_steps=6, equivariance_weight=1.0, equivariance_prob=0.5, equivariance_scales="0.5,1.0")
     straight = train(config(tmp_path, photos, **settings))

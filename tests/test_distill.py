@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from sdvae.cli import main
 from sdvae.codec import load_vae
 from sdvae.config import load_config
-from sdvae.distill import build_student, teacher_latents
+from sdvae.models import build_student, teacher_latents
 from sdvae.metrics import reconstruct
-from sdvae.models import preset_config
+from sdvae.presets import preset_config
 from sdvae.sources import load_pretrained_vae
 from sdvae.train import train
 from tests.test_pipeline import tiny_pipeline
@@ -50,6 +50,7 @@ def student_error(student, teacher, images):
     return float((encoded - target).pow(2).mean()), float((decoded - images).pow(2).mean())
 
 
+@pytest.mark.slow
 def test_a_distilled_student_learns_the_teachers_latents_and_loads_in_diffusers(tmp_path, photos, teacher_dir):
     metrics = train(distill_config(tmp_path, photos, teacher_dir))
     assert metrics["model_class"] == "AutoencoderTiny" and metrics["latent_factors"]["measured"] is False

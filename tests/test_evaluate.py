@@ -13,11 +13,11 @@ from scipy import linalg, stats
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from sdvae.cli import main
-from sdvae.data import open_image
-from sdvae.demo import load_photo
+from sdvae.images import open_image
+from sdvae.images import load_photo
 from sdvae.evaluate import batches, load_scorers, paired_difference, parse_vae_specs
-from sdvae.metrics import (FID_WEIGHTS_URL, feature_statistics, fid_from_features, frechet_distance, psnr_batch,
-                           ssim_batch)
+from sdvae.downloads import FID_WEIGHTS_URL
+from sdvae.metrics import feature_statistics, fid_from_features, frechet_distance, psnr_batch, ssim_batch
 from sdvae.models import build_vae
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -111,6 +111,7 @@ def weights(tmp_path_factory):
     return folder, trunks
 
 
+@pytest.mark.slow
 def test_lpips_matches_the_lpips_package(weights):
     import lpips
 
@@ -175,6 +176,7 @@ def test_full_size_batches_hold_one_size_and_not_the_whole_set(tmp_path):
     assert sorted(names) == [f"{k:02d}.png" for k in range(12)]
 
 
+@pytest.mark.slow
 def test_eval_compares_vaes_on_mixed_images(vaes, weights, mixed_folder, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["eval", "--vae", f"a={vaes / 'vae0'}", "--vae", f"b={vaes / 'vae1'}", "--vae", f"a-again={vaes / 'vae0'}",
@@ -213,6 +215,7 @@ def test_eval_compares_vaes_on_mixed_images(vaes, weights, mixed_folder, tmp_pat
     assert "| a |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_at_a_resolution_with_rfid_and_sampling(vaes, weights, mixed_folder, tmp_path):
     out = tmp_path / "out"
     args = ["eval", "--vae", str(vaes / "vae0"), "--data", str(mixed_folder), "--out", str(out), "--resolution",

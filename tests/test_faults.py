@@ -47,6 +47,7 @@ def straight(tmp_path_factory):
     return data, weights(root / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 0)])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(tmp_path, straight, sig, workers):
     """Sent to the whole process group, as a terminal's Ctrl-C is (loader workers included)."""
@@ -113,6 +114,7 @@ def test_export_and_convert_refuse_non_finite_weights(tmp_path, vae_dir, capsys)
     assert not any(p.exists() for p in (tmp_path / "out", tmp_path / "v.safetensors", tmp_path / "c.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder(tmp_path, photos, capsys):
     run = tmp_path / "run"
     holder = subprocess.Popen([*SDVAE, *COMMON, f"data={photos}", "max_steps=1000", "num_workers=0",
@@ -141,6 +143,7 @@ def test_the_lock_is_held_for_the_whole_run_and_released_after(tmp_path, photos)
     FolderLock(tmp_path / "run").acquire().release()  # train released it
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, photos, caplog):
     train(config(tmp_path, photos, max_steps=6))
     run = tmp_path / "run"
@@ -154,6 +157,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tmp_path, pho
     assert metrics["steps"] == 9 and (run / "superseded-checkpoint-6").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["optimizer.bin", "random_states_0.pkl", "trainer_state.json"])
 def test_every_damaged_checkpoint_file_is_named(tmp_path, photos, damage):
     train(config(tmp_path, photos, max_steps=3))
@@ -198,6 +202,7 @@ def checkpoint_bytes() -> int:
     return 12 * sum(p.numel() for p in build_vae("tiny").parameters())  # weights + Adam's two moments, fp32
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, photos, small_disk):
     disk = small_disk(int(checkpoint_bytes() * 1.5))  # room for one checkpoint, not two
     with pytest.raises(RuntimeError) as failure:
@@ -210,6 +215,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert checkpoint_problem(disk / "run" / "checkpoint-2") is None
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_the_export_leaves_no_partial_vae(tmp_path, photos, small_disk, capsys):
     disk = small_disk(int(checkpoint_bytes() * 7 / 6))  # the checkpoint fits, the export (a third of it) does not
     run = disk / "run"
@@ -224,6 +230,7 @@ def test_a_full_disk_during_the_export_leaves_no_partial_vae(tmp_path, photos, s
         ".sdvae.lock", "checkpoint-2", "config.yaml"]
 
 
+@pytest.mark.slow
 def test_a_kill_while_pruning_never_leaves_a_complete_looking_checkpoint(tmp_path, photos, monkeypatch):
     import shutil
 
@@ -256,6 +263,7 @@ def test_resuming_at_or_past_max_steps_leaves_the_run_as_it_is(tmp_path, photos,
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics
 
 
+@pytest.mark.slow
 def test_a_discriminator_added_at_resume_starts_fresh(tmp_path, photos):
     train(config(tmp_path, photos, max_steps=3))
     metrics = train(config(tmp_path, photos, max_steps=5, resume="latest", disc_weight=0.5, disc_start=0))
@@ -283,6 +291,7 @@ def test_stale_temporaries_of_killed_runs_are_removed_at_start(tmp_path, photos,
     assert ".checkpoint-9.tmp" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_under_several_processes_a_signal_stops_all_of_them_on_the_same_step(tmp_path):
     from tests.test_processes import ACCELERATE
 
@@ -306,7 +315,7 @@ def test_under_several_processes_a_signal_stops_all_of_them_on_the_same_step(tmp
 
 
 def test_the_step_guard_undoes_weights_and_optimiser_state_exactly():
-    from sdvae.train import StepGuard
+    from sdvae.safety import StepGuard
 
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(64))
@@ -329,6 +338,7 @@ def test_the_step_guard_undoes_weights_and_optimiser_state_exactly():
     assert guard.finite()
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_refused_at_resume_and_as_init_from(tmp_path, photos, vae_dir):
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
@@ -348,6 +358,7 @@ def test_non_finite_weights_are_refused_at_resume_and_as_init_from(tmp_path, pho
         train(config(tmp_path, photos, max_steps=1, init_from=str(tmp_path / "inf-vae"), output_dir=str(tmp_path / "b")))
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_vae_config_is_one_line_naming_it(tmp_path, photos, capsys):
     train(config(tmp_path, photos, max_steps=3))
     run = tmp_path / "run"

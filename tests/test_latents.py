@@ -35,6 +35,7 @@ def test_statistics_are_those_of_the_latents(photos, vae_folder):
     assert stats["scaling_factor"] == pytest.approx(1 / stats["std"])
 
 
+@pytest.mark.slow
 def test_one_process_equals_two_and_write(tmp_path, photos, vae_folder):
     """Batch size 1, so each image's fp32 latent is computed identically; only the float64 sums' order differs."""
     common = ["-m", "sdvae", "stats", "--vae", str(vae_folder), "--data", str(photos), "--resolution", "32",

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from sdvae.losses import AutoencoderLoss, MissingWeightsError, build_lpips, load_vgg16_features
+from sdvae.losses import AutoencoderLoss, build_lpips, load_vgg16_features
+from sdvae.downloads import MissingWeightsError
 from sdvae.models import VAETrainingForward, build_vae
 
 
@@ -64,6 +65,7 @@ def test_missing_vgg_weights_name_the_file_and_cache(tmp_path, monkeypatch):
         load_vgg16_features(tmp_path / "my-vgg.pth")
 
 
+@pytest.mark.slow
 def test_lpips_loads_vgg_weights_from_the_torch_cache(tmp_path, monkeypatch):
     """A VGG16 file in the real torchvision format (random init) is found in the hub cache and used."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from sdvae.models import PRESETS, VAETrainingForward, build_vae, count_parameters
+from sdvae.models import VAETrainingForward, build_vae, count_parameters
+from sdvae.presets import PRESETS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_latents_are_8x_downsampled(preset):
     vae = build_vae(preset).eval()
@@ -29,6 +31,7 @@ def test_model_can_be_a_diffusers_config(tmp_path):
         build_vae(str(tmp_path / "nope"))
 
 
+@pytest.mark.slow
 def test_training_forward_returns_reconstruction_and_per_image_kl():
     vae = build_vae("tiny")
     x = torch.randn(3, 3, 32, 32)

@@ -10,14 +10,16 @@ from safetensors.torch import load_file
 
 from sdvae.cli import main
 from sdvae.codec import load_vae
-from sdvae.distill import build_student
+from sdvae.models import build_student
 from sdvae.files import FolderLock
 from sdvae.models import build_vae
 from sdvae.onnx import export_onnx
+from sdvae.weights import decode_latents, encode_latents
 
 onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install -e '.[dev]')")
 
 
+@pytest.mark.slow
 def test_export_onnx_and_run_encode_decode_with_onnxruntime(tmp_path, photos, vae_dir, capsys):
     out = tmp_path / "onnx"
     assert main(["export", str(vae_dir), "--format", "onnx", "--out", str(out)]) == 0
@@ -52,6 +54,7 @@ def assert_same_outputs(folder, runs):
             assert x.shape == y.shape and np.abs(x - y).max() <= 1
 
 
+@pytest.mark.slow
 def test_the_default_cpu_path_exports_once_then_runs_cached_graphs(tmp_path, photos, vae_dir, monkeypatch,
                                                                     capsys):
     monkeypatch.delenv("SDVAE_BACKEND")  # load_vae's own default: auto
@@ -86,6 +89,7 @@ def test_the_default_cpu_path_exports_once_then_runs_cached_graphs(tmp_path, pho
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_default_path_stays_on_pytorch_where_graphs_are_not_exact_or_cannot_be_cached(tmp_path, vae_dir,
                                                                                          monkeypatch):
     import sdvae.onnx
@@ -124,6 +128,7 @@ def test_the_default_path_stays_on_pytorch_where_graphs_are_not_exact_or_cannot_
         load_vae(str(vae_dir), backend="onnx")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tiny-16ch", "student"])
 def test_onnx_graphs_of_16_channel_vaes_and_students_match_pytorch(tmp_path, kind):
     torch.manual_seed(0)
@@ -145,6 +150,7 @@ def test_onnx_graphs_of_16_channel_vaes_and_students_match_pytorch(tmp_path, kin
     torch.testing.assert_close(ours.decode(z, output_type="pt"), theirs.decode(z, output_type="pt"), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_failed_parity_check_writes_nothing_and_bad_folders_are_named(tmp_path, vae_dir, capsys):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="differs from PyTorch"):
@@ -157,6 +163,7 @@ def test_a_failed_parity_check_writes_nothing_and_bad_folders_are_named(tmp_path
     assert "fp32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_takes_the_backend_and_caches_refuse_graph_folders(tmp_path, photos, vae_dir, capsys):
     graphs = tmp_path / "onnx"
     assert main(["export", str(vae_dir), "--format", "onnx", "--out", str(graphs)]) == 0
@@ -193,7 +200,8 @@ def copy_export(exported, tmp_path):
 def export_legacy(vae, folder):
     """The layout sdvae wrote before diffusers' (format 1): encoder.onnx (`image` -> `latent_mean`,
     `latent_logvar`) and decoder.onnx (`latents` -> `image`), no manifest."""
-    from sdvae.export import check_images, plain_config
+    from sdvae.export import check_images
+    from sdvae.weights import plain_config
     from sdvae.onnx import _Decoder, _Encoder, _export
 
     folder.mkdir(parents=True)
@@ -205,6 +213,7 @@ def export_legacy(vae, folder):
             metadata)
 
 
+@pytest.mark.slow
 def test_the_export_has_the_layout_and_names_that_diffusers_and_optimum_load(exported):
     import onnxruntime
     from diffusers import OnnxRuntimeModel
@@ -240,6 +249,7 @@ def test_the_export_has_the_layout_and_names_that_diffusers_and_optimum_load(exp
     torch.testing.assert_close(torch.from_numpy(decoded), image, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_folders_of_the_earlier_layout_still_load(tmp_path, exported):
     from sdvae.onnx import OnnxVAE, is_graph_folder
 
@@ -250,14 +260,15 @@ def test_folders_of_the_earlier_layout_still_load(tmp_path, exported):
     graphs = OnnxVAE(tmp_path / "old")
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
-        torch.testing.assert_close(graphs.encode(x).latent_dist.mean, posterior.mean, rtol=0, atol=1e-4)
-        torch.testing.assert_close(graphs.decode(posterior.mean).sample, vae.decode(posterior.mean).sample, rtol=0,
+        torch.testing.assert_close(encode_latents(graphs, x)[0], posterior.mean, rtol=0, atol=1e-4)
+        torch.testing.assert_close(decode_latents(graphs, posterior.mean), vae.decode(posterior.mean).sample, rtol=0,
                                    atol=1e-4)
     codec = load_vae(str(tmp_path / "old"), backend="auto")  # a graph folder: onnxruntime
     torch.testing.assert_close(codec.encode(x), load_vae(str(exported[1]), backend="auto").encode(x), rtol=0,
                                atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_onnx_replaces_only_folders_sdvae_wrote(tmp_path, exported):
     from sdvae.files import ForeignOutput
 

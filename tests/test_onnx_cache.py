@@ -77,6 +77,7 @@ REASONS = {"truncated": "bytes, not", "garbage": "does not match its sha256",
            "format 1 (no manifest)": "no sdvae-onnx.json", "a garbage manifest": "sdvae-onnx.json cannot be read"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", DAMAGES)
 def test_a_bad_cache_entry_is_named_in_one_line_and_exported_again(cache, vae_dir, capsys, recwarn, monkeypatch,
                                                                    how):
@@ -99,6 +100,7 @@ def test_a_bad_cache_entry_is_named_in_one_line_and_exported_again(cache, vae_di
     assert_runs_like_pytorch(codec, vae_dir)
 
 
+@pytest.mark.slow
 def test_a_bad_entry_that_cannot_be_exported_again_runs_pytorch_this_time(cache, vae_dir, capsys):
     entry, other = cache
     damage(entry, other, "garbage")

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from sdvae.cli import main
 from sdvae.files import OUTPUT_RECORD, file_is_ours
 from sdvae.models import build_vae
-from sdvae.sources import is_finite, load_pretrained_vae
-from sdvae.train import advance
+from sdvae.weights import is_finite
+from sdvae.sources import load_pretrained_vae
+from sdvae.progress import advance
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9")
 
@@ -41,6 +42,7 @@ def one_error(capsys, *words) -> str:
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     ["export", "{vae}", "--no-fp16-check", "--out", "{out}"],
     ["export", "{vae}", "--format", "onnx", "--out", "{out}"],
@@ -85,6 +87,7 @@ def test_a_file_added_to_an_exported_folder_keeps_it_from_being_replaced(tmp_pat
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_encode_and_decode_never_replace_files_they_did_not_write(tmp_path, vae_dir, photos, capsys):
     latents, decoded = tmp_path / "latents", tmp_path / "decoded"
     assert main(["encode", str(photos), "--vae", str(vae_dir), "--out", str(latents)]) == 0
@@ -159,6 +162,7 @@ def test_the_finiteness_check_sees_every_kind_of_bad_value():
     assert is_finite(torch.zeros(0)) and is_finite(torch.randn(100))
 
 
+@pytest.mark.slow
 def test_a_vae_under_a_path_that_is_not_utf8_works_in_every_command(tmp_path, vae_dir, photos, capsys):
     folder = tmp_path / NOT_UTF8
     build_vae("tiny").save_pretrained(folder / "vae")
@@ -187,7 +191,7 @@ def test_tensors_of_the_wrong_rank_are_listed_by_name(tmp_path, vae_dir, capsys)
 
 
 def test_formats_a_client_cannot_build_are_refused_before_any_work(tmp_path, vae_dir, capsys):
-    from sdvae.distill import build_student
+    from sdvae.models import build_student
 
     teacher = AutoencoderKL.from_pretrained(vae_dir)
     for preset in ("taesd", "taesd-16"):
@@ -288,8 +292,8 @@ def test_missing_lpips_weights_stop_a_run_before_anything_is_built(tmp_path, pho
 
 
 def test_fetch_weights_keeps_what_the_cache_holds(tmp_path, capsys, monkeypatch):
-    from sdvae.losses import LPIPS_TRUNKS
-    from sdvae.metrics import FID_WEIGHTS_URL
+    from sdvae.downloads import LPIPS_TRUNKS
+    from sdvae.downloads import FID_WEIGHTS_URL
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cache = tmp_path / "hub" / "checkpoints"

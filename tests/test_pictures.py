@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdvae.metrics import comparison_grid, error_figure, error_grid, label_band, label_font, to_uint8, wrap
+from sdvae.pictures import comparison_grid, error_figure, error_grid, label_band, label_font, wrap
+from sdvae.images import to_uint8
 
 WHITE = 255
 
@@ -61,10 +62,10 @@ def test_reconstructions_png_labels_its_columns_and_states_the_error_scale():
 
 
 def test_reconstructions_legend_states_what_full_colour_is(monkeypatch):
-    import sdvae.metrics as metrics
+    import sdvae.pictures as pictures
 
     said = []
-    monkeypatch.setattr(metrics, "label_band", lambda labels, *a, **k: said.extend(t for *_, t in labels) or
+    monkeypatch.setattr(pictures, "label_band", lambda labels, *a, **k: said.extend(t for *_, t in labels) or
                         Image.new("RGB", (8, 8), "white"))
     error_figure(images(), images(seed=1), min_side=64, gain=4.0)
     assert "input" in said and "reconstruction" in said

@@ -1,4 +1,5 @@
 """An exported VAE inside a diffusers StableDiffusionPipeline built offline from tiny random parts."""
+import pytest
 import json
 
 import numpy as np
@@ -6,6 +7,8 @@ import torch
 
 from sdvae.cli import main
 from sdvae.models import build_vae
+
+pytestmark = pytest.mark.slow  # every test here trains, probes or starts processes
 
 
 def tiny_pipeline(vae):

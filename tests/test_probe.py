@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from sdvae import denoiser as dn
 from sdvae.cli import main
-from sdvae.diagnostics import equivariance, high_frequency_fraction, latent_statistics, noise_robustness
-from sdvae.models import build_vae, preset_config
+from sdvae.diagnostics import equivariance, high_frequency_fraction, posterior_moments, noise_robustness
+from sdvae.models import build_vae
+from sdvae.presets import preset_config
 from sdvae.probe import ProbeSettings, probe, train_probe
 from tests.conftest import write_photos
 
@@ -35,7 +36,7 @@ def test_latent_statistics_are_exact_moments_of_the_posterior():
     mean = torch.randn(50, 4, 8, 8, generator=g) * torch.tensor([1.0, 2.0, 0.0, 0.5]).view(1, 4, 1, 1) + 3
     std = torch.full_like(mean, 0.5)
     std[:, 2] = 1.0
-    stats = latent_statistics(mean, torch.where(torch.arange(4).view(1, 4, 1, 1) == 2, 1.0, std))
+    stats = posterior_moments(mean, torch.where(torch.arange(4).view(1, 4, 1, 1) == 2, 1.0, std))
     draws = mean + std * torch.randn(mean.shape, generator=g)
     assert stats["std"] == pytest.approx(float(draws.std()), rel=0.02)
     assert stats["scaling_factor"] == pytest.approx(1 / stats["std"])
@@ -43,7 +44,7 @@ def test_latent_statistics_are_exact_moments_of_the_posterior():
     # channel 2 is N(3, 1) everywhere: its KL is exactly 0.5 * 3^2, and channels with signal use more
     assert stats["kl_per_channel"][2] == pytest.approx(4.5, rel=1e-6)
     assert stats["channels_in_use"] == 4
-    unused = latent_statistics(torch.zeros(10, 4, 4, 4), torch.ones(10, 4, 4, 4))
+    unused = posterior_moments(torch.zeros(10, 4, 4, 4), torch.ones(10, 4, 4, 4))
     assert unused["channels_in_use"] == 0 and max(unused["kl_per_channel"]) == 0
 
 
@@ -104,6 +105,7 @@ def probe_settings(**changes):
 STEPS = 100  # enough for the tiny denoiser to learn a smooth field's structure, and none to find in noise
 
 
+@pytest.mark.slow
 def test_heldout_loss_is_lower_on_structured_latents_than_on_white_noise(tmp_path):
     g = torch.Generator().manual_seed(1)
     fields = {"smooth": smooth_field(72, 4, 8, seed=1), "noise": torch.randn(72, 4, 8, 8, generator=g)}
@@ -116,6 +118,7 @@ def test_heldout_loss_is_lower_on_structured_latents_than_on_white_noise(tmp_pat
     assert losses["smooth"] < 0.6 * losses["noise"]
 
 
+@pytest.mark.slow
 def test_training_batches_are_the_same_for_every_vae_and_resume_exactly(tmp_path):
     a = dict(mean=torch.randn(10, 4, 8, 8), std=torch.rand(10, 4, 8, 8))
     b = dict(mean=torch.randn(10, 4, 8, 8) * 3, std=torch.rand(10, 4, 8, 8))
@@ -191,6 +194,7 @@ def probed(tmp_path_factory):
     return dict(root=root, photos=photos, result=result, out=root / "out")
 
 
+@pytest.mark.slow
 def test_probe_writes_every_output_and_two_copies_of_a_vae_get_identical_figures(probed):
     out = probed["out"]
     for name in ("metrics.json", "table.md", "spectrum.png", "probe_loss.png", "samples.png", "equivariance.png"):
@@ -209,6 +213,7 @@ def test_probe_writes_every_output_and_two_copies_of_a_vae_get_identical_figures
     assert len(saved["heldout_images"]) == 3
 
 
+@pytest.mark.slow
 def test_probe_is_deterministic_and_a_rerun_reuses_finished_vaes(probed, capsys):
     root = probed["root"]
     again = probe({"a": str(root / "four")}, str(probed["photos"]), str(root / "again"),
@@ -221,6 +226,7 @@ def test_probe_is_deterministic_and_a_rerun_reuses_finished_vaes(probed, capsys)
     assert "results reused" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_probe_without_val_data_holds_out_every_tenth_image(tmp_path, vae_dir):
     photos = write_photos(tmp_path / "photos", size=64)
     for k in range(6):  # 12 images, sorted: the 1st and the 11th are held out

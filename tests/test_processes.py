@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import REAL_PHOTOS, write_photos
 
+pytestmark = pytest.mark.slow  # every test here trains, probes or starts processes
+
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 COMMON = ["resolution=32", "sample_posterior=false", "perceptual_weight=0", "num_workers=0", "learning_rate=1e-3",
           "adam_beta1=0.9", "adam_beta2=0.99", "checkpoint_every=2", "log_every=1", "max_grad_norm=0"]

@@ -10,7 +10,7 @@ from PIL import Image
 from sdvae import publish as publish_module
 from sdvae.cli import main
 from sdvae.config import load_config, save_config
-from sdvae.distill import build_student
+from sdvae.models import build_student
 from sdvae.files import OUTPUT_RECORD, ForeignOutput
 from sdvae.models import build_vae
 from sdvae.publish import RunFiles, check_repo_id, model_card, stage
@@ -54,6 +54,7 @@ def skipped(record) -> list[str]:
     return [str(w.message) for w in record if "is skipped" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_a_dry_run_stages_a_card_and_files_that_load(tmp_path, capsys):
     torch.manual_seed(0)
     vae = build_vae("tiny")
@@ -145,6 +146,7 @@ def test_a_student_taesd_clients_cannot_build_gets_no_taesd_files_and_the_card_s
     assert same_weights(AutoencoderTiny.from_pretrained(staged), student)
 
 
+@pytest.mark.slow
 def test_a_failed_upload_keeps_the_staged_folder_and_says_so(tmp_path, capsys, monkeypatch, vae_dir):
     from huggingface_hub import HfApi
 
@@ -296,6 +298,7 @@ def damage(path, contents):
         path.write_bytes(contents)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, contents, section", DAMAGED_EXTRAS,
                          ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(DAMAGED_EXTRAS)])
 def test_a_damaged_optional_run_file_is_skipped_with_one_warning_naming_it(tiny_run, recwarn, name, contents,

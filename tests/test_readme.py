@@ -109,6 +109,7 @@ def test_readme_has_python_blocks():
         assert set(table) <= set(BLOCKS), f"entries for lines that are no ```python block: {set(table) - set(BLOCKS)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line", [pytest.param(line, id=f"line{line}") for line in BLOCKS])
 def test_readme_block_runs(line, workdir):
     script = workdir / f"readme_block_{line}.py"

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdvae.convert import diffusers_to_ldm
-from sdvae.sources import load_pretrained_vae, read_state_dict
+from sdvae.layouts import diffusers_to_ldm
+from sdvae.sources import load_pretrained_vae
+from sdvae.weights import read_state_dict
 from sdvae.discriminator import (NLayerDiscriminator, adaptive_weight, discriminator_loss, discriminator_term,
                                  generator_term)
 from sdvae.losses import AutoencoderLoss
@@ -44,6 +45,7 @@ def one_pass(disc_weight=0.5):
     return vae, disc, x, reconstruction, loss, nll
 
 
+@pytest.mark.slow
 def test_generator_loss_never_reaches_the_discriminator_and_vice_versa():
     vae, disc, x, reconstruction, loss, nll = one_pass()
     adversarial, logs = generator_term(disc, reconstruction, nll, vae.decoder.conv_out.weight, 0.5)
@@ -86,6 +88,7 @@ def config_values(**kw):
     return load_config(overrides=kw)
 
 
+@pytest.mark.slow
 def test_full_recipe_trains_and_exports_ema(tmp_path, photos):
     cfg = config(tmp_path, photos, max_steps=6, disc_weight=0.5, disc_start=3, learn_logvar=True, ema_decay=0.9,
                  ema_warmup=False)
@@ -133,6 +136,7 @@ def test_unsafe_pickles_are_refused(tmp_path):
         load_pretrained_vae(str(tmp_path / "missing.safetensors"))
 
 
+@pytest.mark.slow
 def test_decoder_only_fine_tune_keeps_the_encoder_bit_identical(tmp_path, photos):
     source = write_ldm_sd_checkpoint(tmp_path / "sd-v1.safetensors")
     cfg = config(tmp_path, photos, init_from=str(tmp_path / "sd-v1.safetensors"), train_decoder_only=True,
@@ -180,6 +184,7 @@ class FlakyLoss(AutoencoderLoss):
         return loss, nll, logs
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, photos, monkeypatch):
     monkeypatch.setattr("sdvae.train.AutoencoderLoss", FlakyLoss)
     FlakyLoss.calls, FlakyLoss.nan_from, FlakyLoss.nan_until = 0, 3, 4
@@ -189,6 +194,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, photos, monkeypatch)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_non_finite_losses_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_path, photos, monkeypatch):
     monkeypatch.setattr("sdvae.train.AutoencoderLoss", FlakyLoss)
     FlakyLoss.calls, FlakyLoss.nan_from, FlakyLoss.nan_until = 0, 5, 10**9
@@ -200,11 +206,12 @@ def test_non_finite_losses_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_decoder_only_fine_tune_of_a_vae_without_quant_convs(tmp_path, photos):
     """SD3 / FLUX VAEs have no quant_conv (use_quant_conv=False): freezing the encoder must not need one."""
     from diffusers import AutoencoderKL
 
-    from sdvae.models import preset_config
+    from sdvae.presets import preset_config
 
     torch.manual_seed(0)
     source = AutoencoderKL(**preset_config("tiny"), use_quant_conv=False, use_post_quant_conv=False)
@@ -217,6 +224,7 @@ def test_decoder_only_fine_tune_of_a_vae_without_quant_convs(tmp_path, photos):
     assert all(torch.equal(exported[k], before[k]) for k in before if k.startswith("encoder."))
 
 
+@pytest.mark.slow
 def test_a_non_finite_micro_batch_does_not_poison_its_accumulated_step(tmp_path, photos, monkeypatch):
     """With accumulation, a NaN micro-batch's gradients must not stay in .grad for the window's optimizer step."""
     monkeypatch.setattr("sdvae.train.AutoencoderLoss", FlakyLoss)

@@ -157,6 +157,7 @@ def assert_refused(call, folder, before):
 EVAL = dict(resolution=32, max_images=2, no_lpips=True, no_fid=True, device="cpu", grid_images=1)
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_foreign_folder_and_accepts_its_own(tmp_path, vae_dir, photos, capsys):
     out = tmp_path / "out"
     before = foreign_folder(out)

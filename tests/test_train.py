@@ -9,7 +9,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from sdvae.config import load_config
-from sdvae.train import find_checkpoint, train
+from sdvae.checkpoints import find_checkpoint
+from sdvae.train import train
 from tests.test_data import write_real_world_files
 
 
@@ -31,6 +32,7 @@ def vgg_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_training_on_real_photos_lowers_the_loss_and_writes_the_run_folder(tmp_path, photos, vgg_file):
     cfg = config(tmp_path, photos, max_steps=40, log_every=5, perceptual_weight=0.1,
                  lpips_vgg_weights=str(vgg_file), val_data=str(photos), sample_every=15, checkpoint_every=10)
@@ -61,6 +63,7 @@ def test_export_round_trip_reproduces_the_trained_model(tmp_path, photos):
         assert torch.equal(exported(x, sample_posterior=False).sample, trained(x, sample_posterior=False).sample)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_resume_continues_exactly(tmp_path, photos, schedule):
     """Run 6 steps straight; separately resume from its step-3 checkpoint: the weights are identical."""
@@ -82,6 +85,7 @@ def test_resume_continues_exactly(tmp_path, photos, schedule):
     assert all(torch.equal(opt_a["state"][i]["exp_avg_sq"], opt_b["state"][i]["exp_avg_sq"]) for i in opt_a["state"])
 
 
+@pytest.mark.slow
 def test_half_written_checkpoints_are_never_resumed_and_old_ones_are_pruned(tmp_path, photos):
     train(config(tmp_path, photos, max_steps=9, checkpoints_total_limit=2))
     run = tmp_path / "run"
@@ -93,6 +97,7 @@ def test_half_written_checkpoints_are_never_resumed_and_old_ones_are_pruned(tmp_
         find_checkpoint(tmp_path, "latest")
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_and_counted(tmp_path, photos):
     good, bad = write_real_world_files(photos / "odd")
     metrics = train(config(tmp_path, photos, max_steps=8))
@@ -107,6 +112,7 @@ def test_empty_data_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoint-3").exists()
 
 
+@pytest.mark.slow
 def test_cli_help_and_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sdvae", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout
@@ -146,6 +152,7 @@ def test_logged_means_count_only_the_steps_that_have_the_value(tmp_path, photos,
     assert metrics["first_logged"]["grad_norm"] == metrics["last_logged"]["grad_norm"] == 3.0
 
 
+@pytest.mark.slow
 def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, photos):
     """With keep=1, pruning used to delete the new checkpoint-6 and keep the old timeline's checkpoint-9;
     `resume=latest` after a kill would then have gone back to the old timeline."""
@@ -181,7 +188,7 @@ def test_data_where_no_image_can_be_read_is_an_error_not_an_endless_loop(tmp_pat
 
 def test_progress_total_is_the_step_max_minutes_will_stop_at():
     from sdvae.config import TrainConfig
-    from sdvae.train import steps_in_time
+    from sdvae.progress import steps_in_time
 
     # 10 steps in 6 s: 54 s left of a 1-minute run make 90 more
     assert steps_in_time(TrainConfig(max_minutes=1, max_steps=1000), 10, 10, 6.0, 6.0) == 100
@@ -231,6 +238,7 @@ def test_max_minutes_counts_every_session_of_a_resumed_run(tmp_path, photos, cap
     assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["train_seconds"] > trained
 
 
+@pytest.mark.slow
 def test_channels_last_computes_what_the_default_layout_computes(tmp_path, photos):
     runs = {layout: train(config(tmp_path, photos, max_steps=2, log_every=1, channels_last=layout,
                                  output_dir=str(tmp_path / str(layout)))) for layout in (False, True)}
@@ -242,7 +250,7 @@ def test_channels_last_computes_what_the_default_layout_computes(tmp_path, photo
 def test_reconstructions_png_shows_held_out_images_large_with_their_error():
     import numpy as np
 
-    from sdvae.metrics import error_grid
+    from sdvae.pictures import error_grid
 
     x = torch.zeros(2, 3, 64, 64)
     y = x.clone()
@@ -257,7 +265,7 @@ def test_reconstructions_png_shows_held_out_images_large_with_their_error():
 
 def test_posterior_logvar_init_sets_where_the_posterior_noise_starts():
     from sdvae.config import TrainConfig
-    from sdvae.train import trainable_vae
+    from sdvae.models import trainable_vae
 
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -1,8 +1,6 @@
-"""The two key layouts of a KL-f8 VAE (the original LDM one that single-file loaders read, and diffusers') and the
-`sdvae convert` command between them; and TAESD's own two files for a tiny student."""
+"""The key layouts of a VAE's weights: the original LDM one that single-file loaders read and diffusers' (both
+ways), and TAESD's own two files for a tiny student. Plain renaming of state-dict keys: no model is built here."""
 from __future__ import annotations
-
-from pathlib import Path
 
 # (LDM, diffusers) name pieces, replaced in this order both ways: the mid-block names before the generic ones.
 LAYOUT = [
@@ -99,19 +97,3 @@ def modernise_diffusers_keys(state: dict) -> dict:
     return out
 
 
-def convert(source: str | Path, out: str | Path, dtype: str = "fp32", overwrite: bool = False) -> tuple[str, Path]:
-    """Convert between layouts, detecting the input's: LDM single file -> diffusers folder,
-    diffusers (folder or bare state dict) -> LDM single file. Returns (direction, output path). An existing output
-    that sdvae did not write is refused unless `overwrite`."""
-    from .export import save_diffusers, save_single_file
-    from .files import printable
-    from .sources import SINGLE_FILE_SUFFIXES, load_pretrained_vae
-
-    vae, layout = load_pretrained_vae(str(source), return_layout=True)
-    if layout == "ldm":
-        if Path(out).suffix in SINGLE_FILE_SUFFIXES:  # would be a folder called x.safetensors
-            raise ValueError(f"{printable(source)} is already an LDM single file; convert writes it as a diffusers "
-                             f"folder, not {printable(out)}. For a VAE-only single file: sdvae export "
-                             f"{printable(source)} --format single-file --out {printable(out)}")
-        return "ldm -> diffusers", save_diffusers(vae, out, dtype, overwrite=overwrite)
-    return "diffusers -> ldm", save_single_file(vae, out, dtype, source=str(source), overwrite=overwrite)
