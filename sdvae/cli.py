@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     for add in (add_train, add_convert_and_export, add_stats, add_encode_and_decode, add_cache, add_eval, add_probe,
-                add_publish, add_fetch_weights):
+                add_fp16, add_publish, add_fetch_weights):
         add(command, (vae, device, images, overwrite))
     return parser
 
@@ -190,6 +190,54 @@ def add_stats(command, parents) -> None:
     stats.add_argument("--mode", action="store_true", help="use the posterior mean instead of samples")
     stats.add_argument("--write", action="store_true", help="write scaling_factor (and shift_factor) to config.json")
     stats.add_argument("--shift", action="store_true", help="with --write: also write shift_factor (SD3/FLUX)")
+
+
+def add_fp16(command, parents) -> None:
+    """sdvae fp16-check / fp16-fix: where a VAE overflows half precision, and a copy that does not."""
+    vae, device, images, overwrite = parents
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("vae", metavar="VAE", help="diffusers folder, run folder, single file or hub id (a KL VAE)")
+    shared.add_argument("--resolution", type=int, default=128, help="side of the check images (default 128)")
+    shared.add_argument("--max-images", type=int, default=8, help="check images (default 8)")
+    check = command("fp16-check", run_fp16_check, [shared, overwrite],
+                    help="each layer's largest activation against fp16's range, and whether fp16 decode is safe",
+                    description="Encode and decode check images in fp32 while recording every layer's largest "
+                                "|activation|; then in fp16. Prints the layers with the least headroom to 65504 and "
+                                "whether fp16 encode/decode is finite and within 4 8-bit levels of fp32; writes "
+                                "fp16-report.json (every layer) and activations.png to --out.")
+    check.add_argument("--data", help="a folder of check images (default: held-out squares of the embedded photos)")
+    check.add_argument("--out", default="fp16-check", help="output folder (default fp16-check)")
+    fix = command("fp16-fix", run_fp16_fix, [shared, overwrite],
+                  help="a copy of a VAE that decodes in fp16: exact rescaling, then a short decoder fine-tune",
+                  description="Rescale the decoder exactly where GroupNorms allow it, then, if activations are "
+                              "still too large, fine-tune the decoder (the encoder stays bit-identical) towards the "
+                              "original's outputs with a penalty on activations above 65504/8. Exports --out/vae "
+                              "(and vae.safetensors for the SD architecture) with force_upcast false only when the "
+                              "fp16 decode of the check images is finite and within 4 levels of the original's fp32 "
+                              "decode; writes fp16-report.json with the figures before and after.")
+    fix.add_argument("--out", required=True, help="output folder")
+    fix.add_argument("--data", help="images for the fine-tune (default: the embedded photos, minus the check strips)")
+    fix.add_argument("--check-data", help="held-out check images (default: the embedded photos' held-out squares)")
+    fix.add_argument("--steps", type=int, default=300, help="fine-tune steps, if one is needed (default 300)")
+    fix.add_argument("--learning-rate", type=float, default=1e-2,
+                     help="relative to each tensor's size (relative_lr; default 1e-2)")
+    fix.add_argument("--batch-size", type=int, default=4, help="fine-tune batch (default 4)")
+    fix.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more training settings for the fine-tune")
+
+
+def run_fp16_check(args) -> int:
+    from .fp16_fix import fp16_check_command
+
+    fp16_check_command(args.vae, args.out, args.data, args.resolution, args.max_images, args.overwrite)
+    return 0
+
+
+def run_fp16_fix(args) -> int:
+    from .fp16_fix import fp16_fix_command
+
+    fp16_fix_command(args.vae, args.out, args.data, args.check_data, args.steps, args.learning_rate, args.resolution,
+                     args.batch_size, args.max_images, parse_overrides(args.overrides), args.overwrite)
+    return 0
 
 
 def add_encode_and_decode(command, parents) -> None:

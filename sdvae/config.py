@@ -31,6 +31,18 @@ class TrainConfig:
     teacher: str | None = None
     latent_weight: float = 1.0  # the student's encoder: MSE against the teacher's scaled latent mean
     train_decoder_only: bool = False  # freeze encoder + quant_conv: latents of the source VAE stay valid
+    # output_reference: the decoder learns this VAE's decode of the same latents instead of the image (with
+    # train_decoder_only): a VAE that keeps another's outputs, as `sdvae fp16-fix` trains it
+    output_reference: str | None = None
+    # activations of the decoder above activation_limit are penalised: activation_weight * sum over layers of
+    # mean(relu(|a| - limit)^2) / limit^2 (fp16's largest value is 65504; 0: off)
+    activation_weight: float = 0.0
+    activation_limit: float = 8188.0
+    # relative_lr: each tensor learns at learning_rate x its own RMS at the start, so that weights thousands of times
+    # larger than their neighbours (an fp16 overflow's) move as fast, relatively, as the rest
+    relative_lr: bool = False
+    # train_modules: comma-separated module names (decoder.mid_block.attentions.0, ...): only their parameters train
+    train_modules: str | None = None
     gradient_checkpointing: bool = False
 
     # data: a folder of images (searched recursively) or a Hugging Face dataset (hub name or local path).
@@ -177,6 +189,8 @@ LOGVARS = between(-30, 20)  # diffusers clamps the posterior's log-variance to t
 # also checked to be finite, and a whole number where it is an int. A numeric field missing here is an error.
 TRAIN_RANGES = {
     "latent_weight": at_least(0),
+    "activation_weight": at_least(0),
+    "activation_limit": above(0),
     "val_max_images": at_least(1),  # 0 would score no held-out image
     "val_resolution": at_least(8),
     "resolution": at_least(8),
@@ -297,9 +311,22 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.disc_weight and cfg.disc_norm == "group" and cfg.disc_channels % 16:  # GroupNorm(32, 2 x channels)
         raise ValueError(f"disc_channels must be a multiple of 16 with disc_norm=group, got {cfg.disc_channels}")
     _check_distillation(cfg)
+    _check_output_reference(cfg)
     if cfg.measure_factors and cfg.train_decoder_only:
         raise ValueError("measure_factors with train_decoder_only: the frozen encoder's latents are the source's, and so "
                          "are its factors (diffusion models and latent caches rely on them)")
+
+
+def _check_output_reference(cfg: TrainConfig) -> None:
+    if cfg.output_reference and not cfg.train_decoder_only:
+        raise ValueError("output_reference needs train_decoder_only=true: the target is the reference's decode of the "
+                         "trained VAE's latents, which only a frozen encoder keeps the reference's")
+    refused = dict(teacher="distillation has a teacher of its own", equivariance_weight="the equivariance term's "
+                   "target is the transformed image, not the reference's decode", disc_weight="the target is the "
+                   "reference's decode, which a discriminator would pull towards real images")
+    for key, why in refused.items():
+        if cfg.output_reference and getattr(cfg, key):
+            raise ValueError(f"{key} with output_reference=: {why}")
 
 
 def _check_distillation(cfg: TrainConfig) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .downloads import vgg16_cache_path
 from .files import prepare_output_folder, refuse_foreign_output
-from .images import load_photo
+from .images import load_photo, pixels_to_tensor
 
 # Natural photos inside the scikit-image wheel (the rest of skimage.data is synthetic or fetched online).
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -46,22 +47,34 @@ SETTINGS = dict(  # train/configs/tiny.yaml's recipe (see its comments for what 
 HOLDOUT = 128
 
 
+def split_photos(resolution: int = HOLDOUT):
+    """(name, the photo minus its right strip, the `resolution` squares down that strip) for each embedded photo.
+    A narrower strip lies inside a wider one: squares of any size up to HOLDOUT are held out of HOLDOUT's split."""
+    for name in PHOTOS:
+        image = Image.fromarray(load_photo(name))
+        image.thumbnail((512, 512), Image.Resampling.LANCZOS)  # small crops then hold more of the scene
+        photo = np.asarray(image)
+        h, w = photo.shape[:2]
+        squares = [photo[k * resolution:(k + 1) * resolution, w - resolution:] for k in range(h // resolution)]
+        yield name, photo[:, : w - resolution], squares
+
+
 def prepare_data(root: str | Path, resolution: int = HOLDOUT) -> tuple[Path, Path]:
     """Write train/ (each photo minus its right strip) and holdout/ (`resolution` squares down that strip)."""
     root = Path(root)
     train_dir, holdout_dir = root / "train", root / "holdout"
     train_dir.mkdir(parents=True, exist_ok=True)
     holdout_dir.mkdir(parents=True, exist_ok=True)
-    for name in PHOTOS:
-        image = Image.fromarray(load_photo(name))
-        image.thumbnail((512, 512), Image.Resampling.LANCZOS)  # small crops then hold more of the scene
-        photo = np.asarray(image)
-        h, w = photo.shape[:2]
-        Image.fromarray(photo[:, : w - resolution]).save(train_dir / f"{name}.png")
-        for k in range(h // resolution):
-            crop = photo[k * resolution:(k + 1) * resolution, w - resolution:]
-            Image.fromarray(crop).save(holdout_dir / f"{name}-{k}.png")
+    for name, rest, squares in split_photos(resolution):
+        Image.fromarray(rest).save(train_dir / f"{name}.png")
+        for k, square in enumerate(squares):
+            Image.fromarray(square).save(holdout_dir / f"{name}-{k}.png")
     return train_dir, holdout_dir
+
+
+def holdout_squares(resolution: int = HOLDOUT) -> list[torch.Tensor]:
+    """The held-out squares as [-1, 1] tensors, without writing them."""
+    return [pixels_to_tensor(square) for _, _, squares in split_photos(resolution) for square in squares]
 
 
 def demo_defaults(output_dir: str, resolution: int, perceptual_weight_set: bool) -> tuple[dict, str | None]:

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 
 from .config import TrainConfig
 from .equivariance import Transform
+from .fp16 import ActivationMaxima
 from .presets import PRESETS, STUDENT_PRESETS, preset_config
 from .sources import load_pretrained_vae
 from .weights import KL, check_config, is_tiny, model_kind, read_config_json
@@ -45,6 +46,8 @@ class TrainingOutputs(NamedTuple):
     equivariant: tuple | None  # (decode(T(z)), T(x)) on a step with the equivariance term
     latent_logs: dict  # detached: KL per latent channel, latent std (collapsed channels show in TensorBoard)
     latent_error: torch.Tensor | None = None  # a distilled student's encoder against the teacher's latents (MSE)
+    target: torch.Tensor | None = None  # what the reconstruction is compared with, where not the image itself
+    activation_penalty: torch.Tensor | None = None  # activations above the limit (ActivationMaxima.penalty)
 
 
 class VAETrainingForward(torch.nn.Module):
@@ -55,14 +58,23 @@ class VAETrainingForward(torch.nn.Module):
     that DDP synchronises its gradient with the rest, and so does the equivariance term's second decode.
     """
 
-    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0):
+    def __init__(self, vae: AutoencoderKL, learn_logvar: bool = False, logvar_init: float = 0.0,
+                 activation_limit: float | None = None):
         super().__init__()
         self.vae = vae
         self.logvar = torch.nn.Parameter(torch.tensor(float(logvar_init))) if learn_logvar else None
+        # forward hooks (not parameters) keep the decoder's outputs of each step for the penalty on activations
+        # above the limit; with gradient checkpointing they fire again in backward, after the penalty is taken
+        self.activation_limit = activation_limit
+        self.activations = ActivationMaxima(vae, ("decoder",), keep_tensors=True).__enter__() if activation_limit \
+            else None
 
-    def forward(self, x: torch.Tensor, noise_seed: int | None = None, transform: Transform | None = None):
+    def forward(self, x: torch.Tensor, noise_seed: int | None = None, transform: Transform | None = None,
+                reference: AutoencoderKL | None = None):
         """noise_seed: draw z = mu + sigma * eps with eps from this seed; None: use the posterior mean.
         transform: also decode T(z), with T(x) as its target (the equivariance term); None: not this step.
+        reference: a frozen VAE whose decode of the same z is the target, instead of x (output_reference). It is
+        an argument, not a submodule, so that its weights stay out of the optimiser and the checkpoints.
 
         Seeding the noise per step (rather than from the global RNG) makes a resumed run draw exactly
         the noise the uninterrupted run would have drawn.
@@ -75,11 +87,19 @@ class VAETrainingForward(torch.nn.Module):
         else:
             z = posterior.sample(generator=torch.Generator(x.device).manual_seed(noise_seed))
         reconstruction = self.vae.decode(z).sample
+        logs, penalty, target = latent_logs(posterior, z), None, None
+        if self.activations is not None:  # taken now: a second decode below replaces the kept outputs
+            penalty = self.activations.penalty(self.activation_limit)
+            logs["max_activation"] = torch.stack([t.detach().abs().amax().float()
+                                                  for kept in self.activations.kept.values() for t in kept]).max()
+        if reference is not None:
+            with torch.no_grad():
+                target = reference.decode(z.detach()).sample
         equivariant = None
         if transform is not None:
             factor = x.shape[-1] // z.shape[-1]
             equivariant = (self.vae.decode(transform.apply(z)).sample, transform.apply(x, factor))
-        return TrainingOutputs(reconstruction, posterior.kl(), self.logvar, equivariant, latent_logs(posterior, z))
+        return TrainingOutputs(reconstruction, posterior.kl(), self.logvar, equivariant, logs, None, target, penalty)
 
 
 @torch.no_grad()
@@ -156,17 +176,29 @@ def last_decoder_layer(vae) -> torch.Tensor:
 
 
 def training_module(cfg: TrainConfig, device):
-    """(the module every forward goes through, the frozen teacher or None): a VAE's encode-sample-decode, or with
-    `teacher` a tiny student's two halves."""
+    """(the module every forward goes through, the frozen teacher or None, the frozen output reference or None): a
+    VAE's encode-sample-decode, or with `teacher` a tiny student's two halves."""
     teacher = load_teacher(cfg.teacher).to(device) if cfg.teacher else None
     if teacher is not None:
         module = DistillationForward(trainable_student(cfg, teacher).train())
     else:
-        module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init)
+        module = VAETrainingForward(trainable_vae(cfg).train(), cfg.learn_logvar, cfg.logvar_init,
+                                    cfg.activation_limit if cfg.activation_weight > 0 else None)
+    reference = load_reference(cfg.output_reference, module.vae).to(device) if cfg.output_reference else None
     if cfg.channels_last:
-        for model in (module, teacher) if teacher is not None else (module,):
-            model.to(memory_format=torch.channels_last)
-    return module, teacher
+        for model in (module, teacher, reference):
+            if model is not None:
+                model.to(memory_format=torch.channels_last)
+    return module, teacher, reference
+
+
+def load_reference(source: str, vae):
+    """The frozen VAE whose decode the trained one learns to reproduce: a KL VAE whose latents are the trained one's."""
+    reference = load_pretrained_vae(source).eval().requires_grad_(False)
+    if model_kind(reference) != KL or reference.config.latent_channels != vae.config.latent_channels:
+        raise ValueError(f"output_reference {source} must be a KL VAE with {vae.config.latent_channels} latent "
+                         f"channels, as the VAE trained")
+    return reference
 
 
 def trainable_vae(cfg: TrainConfig):
@@ -177,6 +209,8 @@ def trainable_vae(cfg: TrainConfig):
         vae.encoder.requires_grad_(False)
         if vae.quant_conv is not None:  # SD3 / FLUX VAEs have none
             vae.quant_conv.requires_grad_(False)
+    if cfg.train_modules:
+        train_only(vae, [name.strip() for name in cfg.train_modules.split(",") if name.strip()])
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     return vae
@@ -194,6 +228,20 @@ def trainable_student(cfg: TrainConfig, teacher):
         raise ValueError(f"init_from {cfg.init_from} has {student.config.latent_channels} latent channels, the "
                          f"teacher {teacher.config.latent_channels}")
     return student
+
+
+def train_only(vae, names: list[str]) -> None:
+    """Freeze every parameter but those of the named modules (which must exist, and not be frozen already)."""
+    modules = dict(vae.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ValueError(f"train_modules: {', '.join(unknown)} not in this VAE (its modules are named like "
+                         f"decoder.up_blocks.0.resnets.1)")
+    trainable = {id(p) for name in names for p in modules[name].parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(f"train_modules: {', '.join(names)} hold no parameter that trains")
+    for p in vae.parameters():
+        p.requires_grad_(id(p) in trainable)
 
 
 @torch.no_grad()

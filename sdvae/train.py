@@ -166,6 +166,7 @@ class Run:
     perceptual: bool = False
     equivariance: Equivariance | None = None  # None: the term is off
     teacher: torch.nn.Module | None = None  # distillation: the frozen KL VAE whose latents the student learns
+    reference: torch.nn.Module | None = None  # output_reference: the frozen VAE whose decode is the target
 
     @functools.cached_property
     def trained(self) -> list:
@@ -185,13 +186,13 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=not isinstance(dataset, IterableDataset),
                         num_workers=workers, collate_fn=collate, drop_last=False, worker_init_fn=ignore_stop_signals)
     preview, val_batches = load_validation(cfg, dataset)
-    module, teacher = training_module(cfg, accelerator.device)
+    module, teacher, reference = training_module(cfg, accelerator.device)
     lpips_model = build_lpips(cfg.lpips_vgg_weights) if cfg.perceptual_weight > 0 else None
     criterion = AutoencoderLoss(cfg.rec_loss, cfg.perceptual_weight, cfg.kl_weight, lpips_model,
                                 cfg.equivariance_weight, cfg.latent_weight).to(accelerator.device)
     params = [p for p in module.parameters() if p.requires_grad]  # logvar included when learned
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(params, lr=learning_rate(cfg, accelerator, 0), betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = optimizer_class(parameter_groups(params, cfg.relative_lr), lr=learning_rate(cfg, accelerator, 0), betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay, amsgrad=cfg.adam_amsgrad,  # lr: the warm-up's first
                                 fused=accelerator.device.type == "cuda" or None)  # one kernel; slower on CPUs
     model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
@@ -216,7 +217,7 @@ def build_run(cfg: TrainConfig, accelerator) -> Run:
               state, StepGuard(guarded, [optimizer] + ([disc_optimizer] if disc is not None else [])), disc,
               disc_optimizer, preview=preview, val_batches=val_batches, perceptual=lpips_model is not None,
               equivariance=Equivariance(cfg.equivariance_prob, cfg.equivariance_scales, cfg.equivariance_rotate)
-              if cfg.equivariance_weight > 0 else None, teacher=teacher)
+              if cfg.equivariance_weight > 0 else None, teacher=teacher, reference=reference)
     if checkpoint is not None:
         if not run.guard.finite():  # written by something other than this loop, which never saves such weights
             raise CheckpointError(f"cannot resume from {checkpoint}: its weights hold NaN or inf")
@@ -242,6 +243,14 @@ def loader_workers(cfg: TrainConfig, accelerator) -> int:
     if accelerator.device.type == "cpu":
         return 0
     return max(1, min(8, cpus - 1))
+
+
+def parameter_groups(params: list, relative: bool) -> list[dict]:
+    """One group, or with relative_lr one per tensor whose rate is scaled by the tensor's RMS now (1 for an all-zero
+    tensor). The scale is kept in the optimiser's state, so a resumed run keeps the first session's."""
+    if not relative:
+        return [dict(params=params, lr_scale=1.0)]
+    return [dict(params=[p], lr_scale=float(p.detach().float().square().mean().sqrt()) or 1.0) for p in params]
 
 
 def lr_scale(cfg: TrainConfig, accelerator) -> int:
@@ -322,8 +331,9 @@ def train_step(run: Run, micro_batches) -> tuple[list, int] | None:
     step was skipped: a non-finite loss or gradient, or an update that left a weight non-finite (undone)."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     use_disc = run.disc is not None and state.step >= cfg.disc_start  # before disc_start it costs nothing
+    rate = learning_rate(cfg, accelerator, state.step, run_progress(cfg, state))
     for group in run.optimizer.param_groups:  # set here, not after the step: a resume may change the rate
-        group["lr"] = learning_rate(cfg, accelerator, state.step, run_progress(cfg, state))
+        group["lr"] = rate * group.get("lr_scale", 1.0)
     window, images, losses = [], 0, []
     for x in micro_batches:
         with accelerator.accumulate(run.model, *([run.disc] if run.disc is not None else [])):
@@ -363,12 +373,17 @@ def vae_backward(run: Run, x: torch.Tensor, use_disc: bool):
         target, given = teacher_latents(run.teacher, x, noise_seed if cfg.sample_posterior else None)
         outputs = run.model(x, target, given)
     else:
-        outputs = run.model(x, noise_seed if cfg.sample_posterior else None, equivariance_transform(run, x, noise_seed))
+        outputs = run.model(x, noise_seed if cfg.sample_posterior else None, equivariance_transform(run, x, noise_seed),
+                            run.reference)
     reconstruction = outputs.reconstruction
+    target = x if outputs.target is None else outputs.target  # output_reference: the reference's decode
     with accelerator.autocast():
-        loss, nll, logs = run.criterion(x, reconstruction, outputs.kl, outputs.logvar, outputs.equivariant,
+        loss, nll, logs = run.criterion(target, reconstruction, outputs.kl, outputs.logvar, outputs.equivariant,
                                         outputs.latent_error)
         logs.update(outputs.latent_logs)
+        if outputs.activation_penalty is not None:
+            loss = loss + cfg.activation_weight * outputs.activation_penalty
+            logs["activation_penalty"] = outputs.activation_penalty.detach()
         if use_disc:
             adversarial, adv_logs = generator_term(accelerator.unwrap_model(run.disc), reconstruction, nll,
                                                    last_decoder_layer(run.vae), cfg.disc_weight)

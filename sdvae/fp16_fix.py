@@ -1,0 +1,236 @@
+"""`sdvae fp16-check` and `sdvae fp16-fix`: where a VAE overflows half precision, and a copy of it that does not.
+
+fp16-fix changes the decoder only, so the encoder stays bit-identical and cached latents and diffusion models
+trained on them stay valid. Two stages:
+1. exact rescaling (sdvae.fp16.rescale_exact): activations that GroupNorms make scale-free are brought below the
+   margin by powers of two; the output is unchanged;
+2. only where that is not enough: a short fine-tune through the training loop of the blocks that still hold a
+   layer above the margin, with the original VAE's decode of the same latents as the target (output_reference),
+   activations above half of fp16's range penalised (activation_weight), and each tensor learning at a rate
+   relative to its own size (relative_lr): the weights that overflow can be thousands of times larger than their
+   neighbours.
+The result is exported with force_upcast false only when its fp16 decode of held-out photos is finite and within
+four 8-bit levels of the original's fp32 decode; otherwise the report says how far it got.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import re
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from .config import load_config
+from .demo import holdout_squares, prepare_data
+from .export import FP16_BOUND, save_diffusers, save_single_file, ui_incompatibility
+from .files import atomic_json, atomic_write, prepare_output_folder, printable, record_output
+from .fp16 import FP16_MAX, LEVELS, fp16_report, rescale_exact
+from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, resize_crop
+from .inputs import list_images
+from .sources import load_pretrained_vae
+from .train import train
+from .weights import KL, model_kind
+
+MARGIN = FP16_MAX / 8  # what rescaling aims below: it is exact, so it takes all the headroom it can
+FINE_TUNE_LIMIT = FP16_MAX / 2  # what the fine-tune penalises above: each step down costs fidelity
+# The blocks a fine-tune trains: those holding a layer still above the margin (others stay as they are).
+BLOCK = re.compile(r"^decoder\.(?:mid_block|up_blocks\.\d+)\.(?:resnets|attentions|upsamplers)\.\d+")
+SHOWN_ROWS = 12  # layers printed: those with the least headroom
+
+
+def check_images(data: str | None, resolution: int, count: int) -> torch.Tensor:
+    """Centre crops of `count` images spread over the folder `data`; without one, the embedded photos' held-out
+    squares (sdvae.demo: strips that fp16-fix never trains on)."""
+    if data is None:
+        squares = holdout_squares(resolution)
+        return torch.stack(squares[:: max(1, len(squares) // count)][:count])
+    paths = [p for p in list_images(data) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not paths:
+        raise ValueError(f"no images in {printable(data)}")
+    chosen = paths[:: max(1, len(paths) // count)][:count]
+    return torch.stack([pixels_to_tensor(resize_crop(open_image(p), resolution, "eval")) for p in chosen])
+
+
+def load_kl_vae(source: str):
+    vae = load_pretrained_vae(source).float().eval()
+    if model_kind(vae) != KL:
+        raise ValueError(f"{printable(source)} is a tiny student (AutoencoderTiny): it has no GroupNorms to rescale, "
+                         f"and TAESD-style decoders run in fp16 as they are")
+    return vae
+
+
+def fp16_check_command(source: str, out: str | Path, data: str | None = None, resolution: int = 128,
+                       max_images: int = 8, overwrite: bool = False) -> dict:
+    """The report of `source` on check images: printed as a table, written as fp16-report.json and activations.png."""
+    vae = load_kl_vae(source)
+    out = prepare_output_folder(out, "fp16-check", overwrite)
+    report = fp16_report(vae, check_images(data, resolution, max_images))
+    report["source"] = printable(source)
+    write_report(out, "fp16-report.json", "activations.png", report, f"{Path(source).name}: max |activation| by depth")
+    print("\n".join(report_lines(report)))
+    print(f"written: {printable(out / 'fp16-report.json')}, {printable(out / 'activations.png')}")
+    return report
+
+
+def report_lines(report: dict, rows: int = SHOWN_ROWS) -> list[str]:
+    """The layers with the least headroom, in depth order, then the verdict."""
+    layers = report["layers"]
+    tightest = sorted(sorted(range(len(layers)), key=lambda i: layers[i]["headroom"])[:rows])
+    lines = [f"{'layer':<48} {'max |activation|':>17} {'headroom to 65504':>18}"]
+    for i in tightest:
+        row = layers[i]
+        over = "  OVERFLOWS fp16" if row["max_abs"] > FP16_MAX else ""
+        lines.append(f"{row['name']:<48} {row['max_abs']:>17.4g} {row['headroom']:>17.3g}x{over}")
+    lines.append(f"({len(layers) - len(tightest)} more layers with more headroom in the JSON)")
+    yes = {True: "finite", False: "NOT finite"}
+    lines.append(f"fp16 decode: {yes[report['decode_finite']]}, max difference to fp32 "
+                 f"{report['decode_max_diff_levels']:.3g} 8-bit levels; fp16 encode: {yes[report['encode_finite']]}, "
+                 f"max latent difference {report['encode_max_diff']:.3g} ({report['images']} images, "
+                 f"{report['size'][0]}x{report['size'][1]})")
+    lines.append("fp16-safe" if report["safe"] else "NOT fp16-safe: pipelines must upcast it (force_upcast); "
+                                                   "sdvae fp16-fix makes a copy that is not")
+    return lines
+
+
+def write_report(out: Path, json_name: str, plot_name: str, report: dict, title: str) -> None:
+    atomic_json(out / json_name, report)
+    atomic_write(out / plot_name, activation_plot(report, title))
+
+
+def activation_plot(report: dict, title: str) -> bytes:
+    fig = Figure(figsize=(7.2, 4.0))
+    ax = fig.add_subplot()
+    for part, colour in (("encoder", "tab:blue"), ("decoder", "tab:orange")):
+        points = [(i, max(row["max_abs"], 1e-3)) for i, row in enumerate(report["layers"]) if row["part"] == part]
+        if points:
+            ax.semilogy(*zip(*points), ".", ms=3, color=colour, label=part)
+    ax.axhline(FP16_MAX, color="red", lw=1, label="fp16 max (65504)")
+    ax.axhline(MARGIN, color="red", lw=0.8, ls="--", label="fp16-fix margin (65504 / 8)")
+    ax.set_xlabel("layer, in the order it runs")
+    ax.set_ylabel("max |activation| (fp32)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def against_original(candidate, original, images: torch.Tensor) -> dict:
+    """The candidate's fp16 decode against the original's fp32 decode of the same latents (the encoder is shared):
+    what decides force_upcast, in the keys export's fp16 check writes into the config and the single file."""
+    latents = original.encode(images).latent_dist.mode()
+    reference = original.decode(latents).sample
+    half = copy.deepcopy(candidate).half()  # .half(), not .to(): diffusers' to() warns about fp32-kept modules
+    decoded = half.decode(latents.half()).sample.float()
+    nonfinite = not bool(torch.isfinite(decoded).all())
+    difference = float((decoded - reference).abs().nan_to_num(math.inf).max())
+    return dict(max_abs_diff=difference, levels=difference * LEVELS, nonfinite=nonfinite, bound=FP16_BOUND,
+                force_upcast=nonfinite or difference > FP16_BOUND, images=images.shape[0], size=images.shape[-1])
+
+
+def encoder_identical(a, b) -> bool:
+    """Every encoder and quant_conv tensor bit-identical: latents cached with the original stay valid."""
+    first, second = a.state_dict(), b.state_dict()
+    return all(torch.equal(first[k], second[k]) for k in first if k.startswith(("encoder.", "quant_conv.")))
+
+
+def fp16_fix_command(source: str, out: str | Path, data: str | None = None, check_data: str | None = None,
+                     steps: int = 300, learning_rate: float = 1e-2, resolution: int = 128, batch_size: int = 4,
+                     max_images: int = 8, overrides: dict | None = None, overwrite: bool = False) -> dict:
+    """Rescale, fine-tune where needed, export to out/vae (and out/vae.safetensors for the SD architecture), and
+    write fp16-report.json with the figures before and after; returns that report."""
+    original = load_kl_vae(source)
+    out = prepare_output_folder(out, "fp16-fix", overwrite)
+    held_out = check_images(check_data, resolution, max_images)
+    before = fp16_report(original, held_out)
+    result = dict(source=printable(source), before=summary(before), stages=[])
+    if before["safe"]:
+        final = original  # left bit-identical
+        result["stages"].append("none: already fp16-safe")
+    else:
+        final, result["rescale"] = rescale_exact(original, MARGIN, held_out)
+        result["stages"].append("exact rescaling")
+        if against_original(final, original, held_out)["force_upcast"]:
+            modules = blocks_to_train(final, result["rescale"]["still_above_target"])
+            final = fine_tune(final, source, out, data, steps, learning_rate, resolution, batch_size,
+                              dict(train_modules=",".join(modules) or None, **(overrides or {})))
+            result["stages"].append(f"fine-tune ({steps} steps)")
+    check = against_original(final, original, held_out)
+    after = fp16_report(final, held_out)
+    result.update(after=summary(after), check=check, force_upcast=check["force_upcast"],
+                  encoder_identical=encoder_identical(original, final))
+    write_exports(final, out, source, check)
+    atomic_json(out / "fp16-report.json", dict(result, layers_before=before["layers"], layers_after=after["layers"]))
+    for name, report in (("before", before), ("after", after)):
+        atomic_write(out / f"activations-{name}.png", activation_plot(report, f"{name} fp16-fix: max |activation| "
+                                                                                f"by depth"))
+    record_output(out, "fp16-fix")
+    print("\n".join(fix_lines(result, out)))
+    return result
+
+
+def summary(report: dict) -> dict:
+    return {k: report[k] for k in ("decode_finite", "encode_finite", "decode_max_diff_levels", "largest", "safe",
+                                    "images", "size")}
+
+
+def blocks_to_train(vae, names: list[str]) -> list[str]:
+    """The resnet, attention or upsampler blocks (or top-level layers) holding the layers still above the margin;
+    none found: the whole decoder trains."""
+    modules, blocks = dict(vae.named_modules()), []
+    for name in names:
+        match = BLOCK.match(name)
+        block = match.group(0) if match else name
+        if block not in blocks and (match or not list(modules[block].children())):  # not a whole up block
+            blocks.append(block)
+    return blocks
+
+
+def fine_tune(rescaled, source: str, out: Path, data: str | None, steps: int, learning_rate: float, resolution: int,
+              batch_size: int, overrides: dict | None):
+    """The decoder trained through sdvae's training loop towards the original's outputs, with activations above
+    FINE_TUNE_LIMIT penalised; returns the exported result."""
+    start = save_diffusers(rescaled, out / "rescaled", overwrite=True)  # inside our own output folder
+    if data is None:
+        data = str(prepare_data(out / "photos")[0])  # the embedded photos minus the strips the check uses
+    values = dict(init_from=str(start), output_reference=source, train_decoder_only=True, activation_weight=1.0,
+                  activation_limit=FINE_TUNE_LIMIT, relative_lr=True, learning_rate=learning_rate, lr_warmup_steps=0,
+                  lr_schedule="cosine", lr_min_ratio=0.0,
+                  max_steps=steps, max_minutes=0.0, data=data, resolution=resolution, batch_size=batch_size,
+                  rec_loss="mse", perceptual_weight=0.0, kl_weight=0.0, disc_weight=0.0, ema_decay=0.0,
+                  measure_factors=False, sample_posterior=False, checkpoint_every=max(steps, 1),
+                  log_every=max(1, steps // 20),
+                  output_dir=str(out / "fine-tune"))
+    train(load_config(overrides={**values, **(overrides or {})}))
+    return load_pretrained_vae(str(out / "fine-tune" / "vae")).float().eval()
+
+
+def write_exports(vae, out: Path, source: str, check: dict) -> None:
+    """out/vae (diffusers) and, where UIs can build the architecture, out/vae.safetensors (the LDM single file)."""
+    save_diffusers(vae, out / "vae", fp16=check, overwrite=True)  # out is this command's (prepare_output_folder)
+    if ui_incompatibility(vae) is None:
+        save_single_file(vae, out / "vae.safetensors", source=source, fp16=check, overwrite=True)
+
+
+def fix_lines(result: dict, out: Path) -> list[str]:
+    before, after, check = result["before"], result["after"], result["check"]
+
+    def row(name, r):
+        largest = r["largest"]["decoder"]
+        return (f"{name:<8} {'finite' if r['decode_finite'] else 'NOT finite':>12} {r['decode_max_diff_levels']:>14.3g} "
+                f"{largest['max_abs']:>16.4g}  {largest['name']}")
+    lines = [f"{'':<8} {'fp16 decode':>12} {'diff (levels)':>14} {'max |activation|':>16}  (decoder's largest)",
+             row("before", before), row("after", after),
+             f"stages: {', '.join(result['stages'])}; encoder bit-identical: {result['encoder_identical']}",
+             f"against the original's fp32 decode: fp16 {'NOT finite' if check['nonfinite'] else 'finite'}, "
+             f"{check['levels']:.3g} levels (bound 4) -> force_upcast {str(check['force_upcast']).lower()}"]
+    if check["force_upcast"]:
+        lines.append("not fp16-safe yet: the export keeps force_upcast true. Train longer (--steps), or give the "
+                     "fine-tune images like those the VAE will decode (--data)")
+    return lines + [f"written: {printable(out / 'vae')} and fp16-report.json"]
