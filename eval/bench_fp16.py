@@ -116,9 +116,16 @@ def write_reference(folder: Path, size: int) -> None:
     torch.save(vae.decode(latents).sample, folder / f"reference-{size}.pt")
 
 
-def run_row(folder: Path, name: str, size: int, repeats: int, device: str) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--row", name, "--folder", str(folder), "--sizes", str(size),
-                             "--repeats", str(repeats), "--device", device], capture_output=True, text=True, check=True)
+def run_row(folder: Path, name: str, size: int, repeats: int, device: str, limit: float) -> dict:
+    """The row from its own process; one that runs past `limit` seconds (fp16 on a CPU without native fp16) is
+    stopped and reported as taking longer than that."""
+    try:
+        result = subprocess.run([sys.executable, __file__, "--row", name, "--folder", str(folder), "--sizes",
+                                 str(size), "--repeats", str(repeats), "--device", device], capture_output=True,
+                                text=True, check=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return dict(row=name, size=size, seconds=None, limit=limit, decodes=repeats + 1, peak_mb=None, finite=None,
+                    levels=None)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -127,6 +134,11 @@ def table(rows: list[dict], device: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(x for x in rows if x["size"] == r["size"] and x["row"] == "original fp32")["seconds"]
+        if r["seconds"] is None:  # stopped at the limit: warm-up and repeats together took longer
+            per_decode = r["limit"] / r["decodes"]  # at least, for each of the warm-up and the repeats
+            lines.append(f"| {r['size']} | {r['row']} | > {per_decode:.3g} ({r['decodes']} decodes not done in "
+                         f"{r['limit']:g} s) | > {per_decode / base:.0f}x | - | - | - |")
+            continue
         levels = f"{r['levels']:.3g}" if r["finite"] else "-"
         lines.append(f"| {r['size']} | {r['row']} | {r['seconds']:.3g} | {r['seconds'] / base:.2f}x | "
                      f"{r['peak_mb']:.0f} | {'yes' if r['finite'] else 'NO (NaN/inf)'} | {levels} |")
@@ -139,6 +151,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--row-limit", type=float, default=600, help="seconds a row may take (default 600)")
     parser.add_argument("--out", default=None, help="path stem of the .md/.json (default eval/results/bench_fp16_DEVICE)")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -155,7 +168,7 @@ def main():
         for size in args.sizes:
             write_reference(folder, size)
             for name in ROWS:
-                rows.append(run_row(folder, name, size, args.repeats, args.device))
+                rows.append(run_row(folder, name, size, args.repeats, args.device, args.row_limit))
                 print(rows[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'} " \
         f"({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
