@@ -139,7 +139,7 @@ class VAECodec:
         mean, logvar = encode_latents(self.untiled, x.to(self.device, self.dtype))
         if logvar is None:  # a tiny student's deterministic encoder: its latents, with no spread
             return mean.float(), torch.zeros_like(mean, dtype=torch.float32)
-        return mean.float(), DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).std.float()
+        return mean.float(), torch.exp(0.5 * logvar.float())  # logvar as every kind returns it: clamped already
 
     @torch.no_grad()
     def encode(self, images, scaled: bool = True, sample: bool = False, generator: torch.Generator | None = None,

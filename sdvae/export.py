@@ -31,18 +31,21 @@ TAESD_LATENT_CHANNELS = (4, 16)  # taesd / taesdxl; taesd3 / taef1
 
 
 @torch.no_grad()
-def fp16_check(vae, images: torch.Tensor | None = None, bound: float = FP16_BOUND) -> dict:
+def fp16_check(vae, images: torch.Tensor | None = None, bound: float = FP16_BOUND, reference=None) -> dict:
     """Decode in fp16 and compare with fp32: non-finite values (the SD VAE's overflow) or a difference over
-    `bound` mean pipelines must run this VAE in fp32 (`force_upcast: true`)."""
+    `bound` mean pipelines must run this VAE in fp32 (`force_upcast: true`). `reference`: the VAE whose latents and
+    fp32 decode the fp16 one is held against (fp16-fix: the original of a rescaled or fine-tuned copy); default
+    `vae` itself."""
     if images is None:
         images = check_images()
     vae = vae.float().eval()
+    reference = vae if reference is None else reference.float().eval()
     device = next(vae.parameters()).device
-    latents = latent_mode(vae, images.to(device))
-    reference = decode_latents(vae, latents)
+    latents = latent_mode(reference, images.to(device))
+    expected = decode_latents(reference, latents)
     decoded = decode_latents(copy.deepcopy(vae).half(), latents.half()).float()
     nonfinite = not bool(torch.isfinite(decoded).all())
-    difference = float((decoded - reference).abs().nan_to_num(float("inf")).max())
+    difference = float((decoded - expected).abs().nan_to_num(float("inf")).max())
     return dict(max_abs_diff=difference, nonfinite=nonfinite, bound=bound,
                 force_upcast=nonfinite or difference > bound, images=images.shape[0], size=images.shape[-1])
 

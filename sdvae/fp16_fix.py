@@ -14,9 +14,7 @@ four 8-bit levels of the original's fp32 decode; otherwise the report says how f
 """
 from __future__ import annotations
 
-import copy
 import io
-import math
 import re
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from matplotlib.figure import Figure
 
 from .config import load_config
 from .demo import holdout_squares, prepare_data
-from .export import FP16_BOUND, save_diffusers, save_single_file, ui_incompatibility
+from .export import fp16_check, save_diffusers, save_single_file, ui_incompatibility
 from .files import atomic_json, atomic_write, prepare_output_folder, printable, record_output
 from .fp16 import FP16_MAX, LEVELS, fp16_report, rescale_exact
 from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, resize_crop
@@ -120,20 +118,6 @@ def activation_plot(report: dict, title: str) -> bytes:
     return buffer.getvalue()
 
 
-@torch.no_grad()
-def against_original(candidate, original, images: torch.Tensor) -> dict:
-    """The candidate's fp16 decode against the original's fp32 decode of the same latents (the encoder is shared):
-    what decides force_upcast, in the keys export's fp16 check writes into the config and the single file."""
-    latents = original.encode(images).latent_dist.mode()
-    reference = original.decode(latents).sample
-    half = copy.deepcopy(candidate).half()  # .half(), not .to(): diffusers' to() warns about fp32-kept modules
-    decoded = half.decode(latents.half()).sample.float()
-    nonfinite = not bool(torch.isfinite(decoded).all())
-    difference = float((decoded - reference).abs().nan_to_num(math.inf).max())
-    return dict(max_abs_diff=difference, levels=difference * LEVELS, nonfinite=nonfinite, bound=FP16_BOUND,
-                force_upcast=nonfinite or difference > FP16_BOUND, images=images.shape[0], size=images.shape[-1])
-
-
 def encoder_identical(a, b) -> bool:
     """Every encoder and quant_conv tensor bit-identical: latents cached with the original stay valid."""
     first, second = a.state_dict(), b.state_dict()
@@ -149,19 +133,18 @@ def fp16_fix_command(source: str, out: str | Path, data: str | None = None, chec
     out = prepare_output_folder(out, "fp16-fix", overwrite)
     held_out = check_images(check_data, resolution, max_images)
     before = fp16_report(original, held_out)
-    result = dict(source=printable(source), before=summary(before), stages=[])
-    if before["safe"]:
-        final = original  # left bit-identical
-        result["stages"].append("none: already fp16-safe")
-    else:
+    result = dict(source=printable(source), before=summary(before), stages=["none: already fp16-safe"])
+    final = original  # an already safe VAE is left bit-identical
+    if not before["safe"]:
         final, result["rescale"] = rescale_exact(original, MARGIN, held_out)
-        result["stages"].append("exact rescaling")
-        if against_original(final, original, held_out)["force_upcast"]:
-            modules = blocks_to_train(final, result["rescale"]["still_above_target"])
-            final = fine_tune(final, source, out, data, steps, learning_rate, resolution, batch_size,
-                              dict(train_modules=",".join(modules) or None, **(overrides or {})))
-            result["stages"].append(f"fine-tune ({steps} steps)")
-    check = against_original(final, original, held_out)
+        result["stages"] = ["exact rescaling"]
+    check = fp16_check(final, held_out, reference=original)  # against the original's fp32 decode
+    if not before["safe"] and check["force_upcast"]:
+        modules = blocks_to_train(final, result["rescale"]["still_above_target"])
+        final = fine_tune(final, source, out, data, steps, learning_rate, resolution, batch_size,
+                          dict(train_modules=",".join(modules) or None, **(overrides or {})))
+        result["stages"].append(f"fine-tune ({steps} steps)")
+        check = fp16_check(final, held_out, reference=original)
     after = fp16_report(final, held_out)
     result.update(after=summary(after), check=check, force_upcast=check["force_upcast"],
                   encoder_identical=encoder_identical(original, final))
@@ -229,7 +212,7 @@ def fix_lines(result: dict, out: Path) -> list[str]:
              row("before", before), row("after", after),
              f"stages: {', '.join(result['stages'])}; encoder bit-identical: {result['encoder_identical']}",
              f"against the original's fp32 decode: fp16 {'NOT finite' if check['nonfinite'] else 'finite'}, "
-             f"{check['levels']:.3g} levels (bound 4) -> force_upcast {str(check['force_upcast']).lower()}"]
+             f"{check['max_abs_diff'] * LEVELS:.3g} levels (bound 4) -> force_upcast {str(check['force_upcast']).lower()}"]
     if check["force_upcast"]:
         lines.append("not fp16-safe yet: the export keeps force_upcast true. Train longer (--steps), or give the "
                      "fine-tune images like those the VAE will decode (--data)")
