@@ -4,8 +4,11 @@ what the algebra allows (`sdvae fp16-check`, `sdvae fp16-fix`: sdvae.fp16_fix).
 The SDXL VAE decodes to NaN in fp16 because some activations exceed fp16's largest finite value. Most of them sit in
 places whose scale the network does not care about: a layer read only through a GroupNorm, or the decoder's residual
 stream, which conv_norm_out normalises before conv_out. `rescale_exact` moves those by powers of two, which changes
-no output in exact arithmetic and adds no rounding to the weights; so does an attention's value path, which is linear.
-What no identity moves is left to a fine-tune, which penalises activations through `ActivationMaxima(keep_tensors=True)`.
+no output in exact arithmetic and adds no rounding to the weights; so do an attention's value path, which is linear,
+and its queries against its keys, which meet only in dot products.
+A GroupNorm's affine output read by a SiLU has no identity: `rescale_through_silu` moves it per channel at a measured
+fp32 cost (silu(x c) / c is nearly silu(x) where |x| is large, which is where overflow happens). What is left goes to
+a fine-tune, which penalises activations through `ActivationMaxima(keep_tensors=True)`.
 """
 from __future__ import annotations
 
@@ -370,7 +373,23 @@ def _plan(vae: nn.Module, maxima: dict[str, float], target: float) -> dict:
               if f"{name}.to_v" in maxima}
     return dict(stages=stages, latent_scale=_power_of_two_down(latent_peak, target),
                 conv1={name: scale for name, scale in conv1.items() if scale != 1.0},
-                values={name: scale for name, scale in values.items() if scale != 1.0})
+                values={name: scale for name, scale in values.items() if scale != 1.0},
+                queries=_query_scales(vae, maxima, target))
+
+
+def _query_scales(vae: nn.Module, maxima: dict[str, float], target: float) -> dict[str, float]:
+    """Per attention whose q or k exceeds target, the power of two c that best evens out c q and k / c (their dot
+    products, hence the attention, do not change)."""
+    scales = {}
+    for name in _attention_names(vae):
+        query, key = maxima.get(f"{name}.to_q", 0.0), maxima.get(f"{name}.to_k", 0.0)
+        if max(query, key) > target and query > 0 and key > 0:
+            if not math.isfinite(query * key):
+                raise ValueError("an activation is not finite even in fp32: no rescaling can fix that")
+            scale = 2.0 ** round(0.5 * math.log2(key / query))
+            if scale != 1.0:
+                scales[name] = scale
+    return scales
 
 
 def _attention_names(vae: nn.Module) -> list[str]:
@@ -386,6 +405,14 @@ def _scale_value_paths(vae: nn.Module, value_scales: dict[str, float], factors: 
         _scale_layer(attention.to_out[0], f"{name}.to_out.0", 1.0 / scale, 1.0, factors)
 
 
+def _scale_query_key(vae: nn.Module, query_scales: dict[str, float], factors: dict) -> None:
+    """q scaled by c and k by 1 / c, weights and biases alike: every q . k, and so the softmax, is unchanged."""
+    for name, scale in query_scales.items():
+        attention = vae.get_submodule(name)
+        _scale_layer(attention.to_q, f"{name}.to_q", scale, scale, factors)
+        _scale_layer(attention.to_k, f"{name}.to_k", 1.0 / scale, 1.0 / scale, factors)
+
+
 def _largest_of(maxima: dict[str, float]) -> dict:
     name = max(maxima, key=maxima.get)
     return dict(name=name, max_abs=maxima[name])
@@ -395,8 +422,9 @@ def rescale_exact(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Te
     """A copy of `vae` whose decoder activations that GroupNorms make scale-free are brought to `target` or below by
     powers of two, with the same output in exact arithmetic; and a dict of what was scaled and how it checked out.
 
-    Three identities: a layer read only through a GroupNorm (a resnet's conv1) scales freely; so does the decoder's
-    residual stream, stage by stage; and an attention's value path (to_v up or down, to_out the other way).
+    Four identities: a layer read only through a GroupNorm (a resnet's conv1) scales freely; so does the decoder's
+    residual stream, stage by stage; an attention's value path (to_v up or down, to_out the other way); and its
+    queries against its keys (to_q one way, to_k the other).
     The maxima are measured on `images` ([-1, 1], encoded by the VAE) or, when None, on random latents. The encoder
     is never touched. What no identity reaches (a GroupNorm's affine output into a SiLU) is the fine-tune's case.
     The weights are scaled in the VAE's own dtype: pass it in fp32 (an fp16 weight scaled below 2^-14 loses bits).
@@ -410,18 +438,106 @@ def rescale_exact(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Te
     _scale_stream(model, [stage["scale"] for stage in plan["stages"]], plan["latent_scale"], factors)
     _scale_before_norm(model, plan["conv1"], factors)
     _scale_value_paths(model, plan["values"], factors)
+    _scale_query_key(model, plan["queries"], factors)
     result = dict(changed=bool(factors), target=target, factors=factors, stages=plan["stages"],
                   latent_scale=plan["latent_scale"], largest_before=_largest_of(before))
-    after, decoded_after = _decoder_maxima(_copy_as(model, torch.float32), latents) if factors else (before, decoded)
-    result.update(largest_after=_largest_of(after),
-                  still_above_target=[name for name, peak in after.items() if peak > target],
-                  fp32_diff_levels=_max_abs_diff(decoded_after, decoded) * LEVELS)
+    result.update(_outcome(model, latents, (before, decoded) if not factors else None, decoded, target))
+    return model, result
+
+
+def _outcome(model: nn.Module, latents: torch.Tensor, unchanged, decoded: torch.Tensor, target: float) -> dict:
+    """The rescaled model's largest decoder activation, the layers still above target, and how far its fp32 decode
+    moved from `decoded` (the original's), in 8-bit levels. `unchanged`: the original's (maxima, decode) when the
+    model is the original."""
+    after, decoded_after = unchanged or _decoder_maxima(_copy_as(model, torch.float32), latents)
+    return dict(largest_after=_largest_of(after), still_above_target=[name for name, peak in after.items()
+                                                                      if peak > target],
+                fp32_diff_levels=_max_abs_diff(decoded_after, decoded) * LEVELS)
+
+
+# --- rescaling through a SiLU (approximate) -------------------------------------------------------------------------
+
+
+class SiluPath(NamedTuple):
+    """A GroupNorm whose affine output a SiLU reads, and the conv that reads the SiLU (in a resnet, or before
+    conv_out)."""
+    norm: str
+    conv: str
+
+
+def silu_paths(vae: nn.Module) -> list[SiluPath]:
+    """The decoder's GroupNorm -> SiLU -> conv paths, where a channel's scale and shift can move down by c and the
+    conv's input weights up by 1/c at the cost of silu(x c) / c != silu(x): small where |x c| is far from 1."""
+    decoder, paths = vae.decoder, []
+    for name, module in decoder.named_modules(prefix="decoder"):
+        if isinstance(module, ResnetBlock2D) and isinstance(module.nonlinearity, nn.SiLU) and not (
+                module.up or module.down or module.time_emb_proj is not None):
+            paths += [SiluPath(f"{name}.norm1", f"{name}.conv1"), SiluPath(f"{name}.norm2", f"{name}.conv2")]
+    if isinstance(getattr(decoder, "conv_act", None), nn.SiLU):
+        paths.append(SiluPath("decoder.conv_norm_out", "decoder.conv_out"))
+    return [path for path in paths if isinstance(vae.get_submodule(path.norm), nn.GroupNorm)
+            and vae.get_submodule(path.norm).affine and isinstance(vae.get_submodule(path.conv), nn.Conv2d)]
+
+
+def _channel_peaks(vae: nn.Module, latents: torch.Tensor, norms: list[str]) -> dict[str, torch.Tensor]:
+    """max |output| of each channel of the named modules over a decode of `latents`."""
+    peaks: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args, output):
+            peak = torch.nan_to_num(output.detach().abs().amax(dim=(0, 2, 3)).float(), nan=math.inf)
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+        return hook
+    handles = [vae.get_submodule(name).register_forward_hook(record(name)) for name in norms]
+    try:
+        with torch.no_grad():
+            vae.decode(latents)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peaks
+
+
+def _channel_scales(peaks: torch.Tensor, target: float) -> torch.Tensor:
+    """Per channel, _power_of_two_down of its peak."""
+    if not bool(peaks.isfinite().all()):
+        raise ValueError("an activation is not finite even in fp32: no rescaling can fix that")
+    steps = torch.ceil(torch.log2(peaks.clamp_min(1e-30) / target)).clamp_min(0)
+    return torch.exp2(-steps)
+
+
+def rescale_through_silu(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Tensor | None = None) -> tuple:
+    """A copy of `vae` in which each decoder GroupNorm channel whose affine output, read by a SiLU, exceeds `target`
+    has its scale and shift divided by a power of two and the next conv's weights on that channel multiplied by it;
+    and a dict of what was scaled and how far the fp32 output moved (not exact: silu(x c) / c differs from silu(x)
+    by up to 0.28 / c near x = -1.28 / c, so the cost is small when the overflowing values sit far from zero).
+    Measured on `images` ([-1, 1]) or random latents, as rescale_exact; the encoder is never touched."""
+    _check_rescalable(vae)
+    reference = _copy_as(vae, torch.float32)
+    latents = _probe_latents(reference, images)
+    paths = silu_paths(reference)
+    peaks = _channel_peaks(reference, latents, [path.norm for path in paths])
+    before, decoded = _decoder_maxima(reference, latents)
+    model, scaled = copy.deepcopy(vae), {}
+    with torch.no_grad():
+        for path in paths:
+            scales = _channel_scales(peaks[path.norm], target)
+            if bool((scales == 1).all()):
+                continue
+            norm, conv = model.get_submodule(path.norm), model.get_submodule(path.conv)
+            norm.weight.mul_(scales.to(norm.weight))
+            norm.bias.mul_(scales.to(norm.bias))
+            conv.weight.div_(scales.to(conv.weight).view(1, -1, 1, 1))
+            scaled[path.norm] = dict(conv=path.conv, channels=int((scales < 1).sum()),
+                                     smallest_scale=float(scales.min()))
+    result = dict(changed=bool(scaled), target=target, scaled=scaled, largest_before=_largest_of(before))
+    result.update(_outcome(model, latents, (before, decoded) if not scaled else None, decoded, target))
     return model, result
 
 
 # --- overflowing VAEs for tests and benchmarks ---------------------------------------------------------------------
 
-OVERFLOW_KINDS = ("before-norm", "residual", "attention", "norm-affine")
+OVERFLOW_KINDS = ("before-norm", "residual", "attention", "query-key", "norm-affine")
 
 
 def _small_vae(seed: int) -> AutoencoderKL:
@@ -454,12 +570,12 @@ def _overflow_attention(vae: nn.Module, maxima: dict[str, float], factors: dict)
 
 
 def overflowing_vae(kind: str, seed: int = 0, base: AutoencoderKL | None = None) -> AutoencoderKL:
-    """A small random-init AutoencoderKL (or a copy of `base`) whose fp16 decode is not finite. Three kinds keep the
+    """A small random-init AutoencoderKL (or a copy of `base`) whose fp16 decode is not finite. Four kinds keep the
     base's fp32 output (up to rounding), and rescale_exact undoes them: "before-norm" (decoder conv1s scaled up, read
     only through norm2), "residual" (the decoder's residual stream scaled up), "attention" (the mid-block's value
-    path scaled up, to_out down). "norm-affine" is a VAE of its own: the first mid-block resnet's norm2 scale and
-    shift multiplied up and its conv2 down, so its SiLU works on values past fp16's range (nearly a ReLU there): no
-    identity moves that, only a fine-tune can."""
+    path scaled up, to_out down), "query-key" (its queries scaled up, keys down). "norm-affine" is a VAE of its own:
+    the first mid-block resnet's norm2 scale and shift multiplied up and its conv2 down, so its SiLU works on values
+    past fp16's range (nearly a ReLU there): no identity moves that; rescale_through_silu nearly does."""
     if kind not in OVERFLOW_KINDS:
         raise ValueError(f"unknown overflow kind {kind!r}: choose from {OVERFLOW_KINDS}")
     vae = _small_vae(seed) if base is None else copy.deepcopy(base)  # base: another architecture (eval/bench_fp16)
@@ -475,6 +591,9 @@ def overflowing_vae(kind: str, seed: int = 0, base: AutoencoderKL | None = None)
         _scale_stream(vae, scales, 1.0, factors)
     elif kind == "attention":
         _overflow_attention(vae, maxima, factors)
+    elif kind == "query-key":
+        name = "decoder.mid_block.attentions.0"
+        _scale_query_key(vae, {name: _power_of_two_up(maxima[f"{name}.to_q"], NORMALISED_MARGIN)}, factors)
     else:
         name = "decoder.mid_block.resnets.0"
         resnet, scale = vae.get_submodule(name), _power_of_two_up(maxima[f"{name}.norm2"], NORMALISED_MARGIN)

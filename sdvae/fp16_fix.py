@@ -1,14 +1,16 @@
 """`sdvae fp16-check` and `sdvae fp16-fix`: where a VAE overflows half precision, and a copy of it that does not.
 
 fp16-fix changes the decoder only, so the encoder stays bit-identical and cached latents and diffusion models
-trained on them stay valid. Two stages:
-1. exact rescaling (sdvae.fp16.rescale_exact): activations that GroupNorms make scale-free are brought below the
-   margin by powers of two; the output is unchanged;
-2. only where that is not enough: a short fine-tune through the training loop of the blocks that still hold a
-   layer above the margin, with the original VAE's decode of the same latents as the target (output_reference),
+trained on them stay valid. Three stages, each only while the fp16 decode is still outside the bound:
+1. exact rescaling (sdvae.fp16.rescale_exact): activations that GroupNorms make scale-free, an attention's values
+   and its queries against its keys are brought below the margin by powers of two; the output is unchanged;
+2. rescaling through the SiLUs (sdvae.fp16.rescale_through_silu): a GroupNorm channel whose affine output overflows
+   on its way into a SiLU is scaled down by a power of two and the next conv's weights on it up; silu is nearly
+   linear (or zero) that far from zero, so the fp32 output moves little, and by how much is measured;
+3. a short fine-tune through the training loop of the blocks that still hold a layer above the margin or that
+   stage 2 changed, with the original VAE's decode of the same latents as the target (output_reference),
    activations above half of fp16's range penalised (activation_weight), and each tensor learning at a rate
-   relative to its own size (relative_lr): the weights that overflow can be thousands of times larger than their
-   neighbours.
+   relative to its own size (relative_lr); kept only if its fp16 decode is closer to the original's.
 The result is exported with force_upcast false only when its fp16 decode of held-out photos is finite and within
 four 8-bit levels of the original's fp32 decode; otherwise the report says how far it got.
 """
@@ -25,7 +27,7 @@ from .config import load_config
 from .demo import holdout_squares, prepare_data
 from .export import fp16_check, save_diffusers, save_single_file, ui_incompatibility
 from .files import atomic_json, atomic_write, prepare_output_folder, printable, record_output
-from .fp16 import FP16_MAX, LEVELS, fp16_report, rescale_exact
+from .fp16 import FP16_MAX, LEVELS, fp16_report, rescale_exact, rescale_through_silu
 from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, resize_crop
 from .inputs import list_images
 from .sources import load_pretrained_vae
@@ -126,25 +128,24 @@ def encoder_identical(a, b) -> bool:
 
 def fp16_fix_command(source: str, out: str | Path, data: str | None = None, check_data: str | None = None,
                      steps: int = 300, learning_rate: float = 1e-2, resolution: int = 128, batch_size: int = 4,
-                     max_images: int = 8, overrides: dict | None = None, overwrite: bool = False) -> dict:
-    """Rescale, fine-tune where needed, export to out/vae (and out/vae.safetensors for the SD architecture), and
-    write fp16-report.json with the figures before and after; returns that report."""
+                     max_images: int = 8, overrides: dict | None = None, overwrite: bool = False,
+                     silu_target: float = MARGIN) -> dict:
+    """Rescale exactly, then through the SiLUs, then fine-tune, each only while the fp16 decode is still outside the
+    bound; export to out/vae (and out/vae.safetensors for the SD architecture) and write fp16-report.json with the
+    figures before and after; returns that report. `silu_target`: where the SiLU rescaling aims (lower: smaller
+    activations, a larger fp32 cost)."""
     original = load_kl_vae(source)
     out = prepare_output_folder(out, "fp16-fix", overwrite)
     held_out = check_images(check_data, resolution, max_images)
     before = fp16_report(original, held_out)
-    result = dict(source=printable(source), before=summary(before), stages=["none: already fp16-safe"])
-    final = original  # an already safe VAE is left bit-identical
-    if not before["safe"]:
-        final, result["rescale"] = rescale_exact(original, MARGIN, held_out)
-        result["stages"] = ["exact rescaling"]
-    check = fp16_check(final, held_out, reference=original)  # against the original's fp32 decode
-    if not before["safe"] and check["force_upcast"]:
-        modules = blocks_to_train(final, result["rescale"]["still_above_target"])
-        final = fine_tune(final, source, out, data, steps, learning_rate, resolution, batch_size,
-                          dict(train_modules=",".join(modules) or None, **(overrides or {})))
-        result["stages"].append(f"fine-tune ({steps} steps)")
-        check = fp16_check(final, held_out, reference=original)
+    result = dict(source=printable(source), before=summary(before), stages=["none: already fp16-safe"], steps=steps)
+    if before["safe"]:
+        final, check = original, fp16_check(original, held_out)  # left bit-identical
+    else:
+        def train(start, modules):
+            return fine_tune(start, source, out, data, steps, learning_rate, resolution, batch_size,
+                             dict(train_modules=",".join(modules) or None, **(overrides or {})))
+        final, check = repair(original, held_out, result, silu_target, train if steps > 0 else None)
     after = fp16_report(final, held_out)
     result.update(after=summary(after), check=check, force_upcast=check["force_upcast"],
                   encoder_identical=encoder_identical(original, final))
@@ -156,6 +157,37 @@ def fp16_fix_command(source: str, out: str | Path, data: str | None = None, chec
     record_output(out, "fp16-fix")
     print("\n".join(fix_lines(result, out)))
     return result
+
+
+def repair(original, held_out: torch.Tensor, result: dict, silu_target: float, train) -> tuple:
+    """Each stage only while the fp16 decode of held_out is outside the bound of the original's fp32 decode: exact
+    rescaling, rescaling through the SiLUs, then train(start, modules) when given. Fills result's stages and
+    figures; returns (VAE, its fp16 check)."""
+    final, result["rescale"] = rescale_exact(original, MARGIN, held_out)
+    result["stages"] = ["exact rescaling"]
+    check = fp16_check(final, held_out, reference=original)
+    if not check["force_upcast"]:
+        return final, check
+    final, result["silu_rescale"] = rescale_through_silu(final, silu_target, held_out)
+    result["stages"].append("rescaling through SiLUs (approximate)")
+    check = fp16_check(final, held_out, reference=original)
+    if not check["force_upcast"] or train is None:
+        return final, check
+    silu = result["silu_rescale"]  # train where layers still overflow and where the SiLU rescaling cost fidelity
+    touched = [name for norm, scaled in silu["scaled"].items() for name in (norm, scaled["conv"])]
+    trained = train(final, blocks_to_train(final, silu["still_above_target"] + touched))
+    trained_check = fp16_check(trained, held_out, reference=original)
+    kept = closer(trained_check, check)
+    result["stages"].append(f"fine-tune{'' if kept else ' (not kept: it got no closer)'}")
+    return (trained, trained_check) if kept else (final, check)
+
+
+def closer(candidate: dict, incumbent: dict) -> bool:
+    """Whether the candidate's fp16 check is better: within the bound where the other is not, else a finite decode
+    nearer the original's fp32 one."""
+    def rank(check):
+        return (check["force_upcast"], check["nonfinite"], check["max_abs_diff"])
+    return rank(candidate) < rank(incumbent)
 
 
 def summary(report: dict) -> dict:
