@@ -422,9 +422,10 @@ def rescale_exact(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Te
     """A copy of `vae` whose decoder activations that GroupNorms make scale-free are brought to `target` or below by
     powers of two, with the same output in exact arithmetic; and a dict of what was scaled and how it checked out.
 
-    Four identities: a layer read only through a GroupNorm (a resnet's conv1) scales freely; so does the decoder's
-    residual stream, stage by stage; an attention's value path (to_v up or down, to_out the other way); and its
-    queries against its keys (to_q one way, to_k the other).
+    Five identities: a layer read only through a GroupNorm (a resnet's conv1) scales freely; so does the decoder's
+    residual stream, stage by stage; an attention's value path (to_v up or down, to_out the other way); its queries
+    against its keys (to_q one way, to_k the other); and, per channel, its group_norm's affine output against the
+    to_q, to_k and to_v weights that read it.
     The maxima are measured on `images` ([-1, 1], encoded by the VAE) or, when None, on random latents. The encoder
     is never touched. What no identity reaches (a GroupNorm's affine output into a SiLU) is the fine-tune's case.
     The weights are scaled in the VAE's own dtype: pass it in fp32 (an fp16 weight scaled below 2^-14 loses bits).
@@ -439,9 +440,12 @@ def rescale_exact(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Te
     _scale_before_norm(model, plan["conv1"], factors)
     _scale_value_paths(model, plan["values"], factors)
     _scale_query_key(model, plan["queries"], factors)
-    result = dict(changed=bool(factors), target=target, factors=factors, stages=plan["stages"],
+    linear = [path for path in norm_paths(reference) if not path.through_silu]
+    channels = _scale_norm_outputs(model, linear, _channel_peaks(reference, latents, [p.norm for p in linear]), target)
+    changed = bool(factors or channels)
+    result = dict(changed=changed, target=target, factors=factors, channels=channels, stages=plan["stages"],
                   latent_scale=plan["latent_scale"], largest_before=_largest_of(before))
-    result.update(_outcome(model, latents, (before, decoded) if not factors else None, decoded, target))
+    result.update(_outcome(model, latents, (before, decoded) if not changed else None, decoded, target))
     return model, result
 
 
@@ -458,34 +462,44 @@ def _outcome(model: nn.Module, latents: torch.Tensor, unchanged, decoded: torch.
 # --- rescaling through a SiLU (approximate) -------------------------------------------------------------------------
 
 
-class SiluPath(NamedTuple):
-    """A GroupNorm whose affine output a SiLU reads, and the conv that reads the SiLU (in a resnet, or before
-    conv_out)."""
+class NormPath(NamedTuple):
+    """A GroupNorm's affine output and the layers that read it: through a SiLU (a resnet's conv1 or conv2, conv_out),
+    or directly (an attention's to_q, to_k and to_v, which are linear in it)."""
     norm: str
-    conv: str
+    readers: tuple
+    through_silu: bool
 
 
-def silu_paths(vae: nn.Module) -> list[SiluPath]:
-    """The decoder's GroupNorm -> SiLU -> conv paths, where a channel's scale and shift can move down by c and the
-    conv's input weights up by 1/c at the cost of silu(x c) / c != silu(x): small where |x c| is far from 1."""
+def norm_paths(vae: nn.Module) -> list[NormPath]:
+    """The decoder's GroupNorm outputs whose channels can move down by c while their readers' weights on those
+    channels move up by 1/c: exact where the readers are linear, and at the cost of silu(x c) / c != silu(x) where a
+    SiLU sits between (small where |x c| is far from 1)."""
     decoder, paths = vae.decoder, []
     for name, module in decoder.named_modules(prefix="decoder"):
         if isinstance(module, ResnetBlock2D) and isinstance(module.nonlinearity, nn.SiLU) and not (
                 module.up or module.down or module.time_emb_proj is not None):
-            paths += [SiluPath(f"{name}.norm1", f"{name}.conv1"), SiluPath(f"{name}.norm2", f"{name}.conv2")]
+            paths += [NormPath(f"{name}.norm1", (f"{name}.conv1",), True),
+                      NormPath(f"{name}.norm2", (f"{name}.conv2",), True)]
+        elif isinstance(module, Attention) and module.spatial_norm is None and not module.is_cross_attention:
+            paths.append(NormPath(f"{name}.group_norm", (f"{name}.to_q", f"{name}.to_k", f"{name}.to_v"), False))
     if isinstance(getattr(decoder, "conv_act", None), nn.SiLU):
-        paths.append(SiluPath("decoder.conv_norm_out", "decoder.conv_out"))
-    return [path for path in paths if isinstance(vae.get_submodule(path.norm), nn.GroupNorm)
-            and vae.get_submodule(path.norm).affine and isinstance(vae.get_submodule(path.conv), nn.Conv2d)]
+        paths.append(NormPath("decoder.conv_norm_out", ("decoder.conv_out",), True))
+    return [path for path in paths if _affine_group_norm(vae.get_submodule(path.norm))
+            and all(isinstance(vae.get_submodule(reader), (nn.Conv2d, nn.Linear)) for reader in path.readers)]
+
+
+def _affine_group_norm(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.GroupNorm) and module.affine
 
 
 def _channel_peaks(vae: nn.Module, latents: torch.Tensor, norms: list[str]) -> dict[str, torch.Tensor]:
-    """max |output| of each channel of the named modules over a decode of `latents`."""
+    """max |output| of each channel (dimension 1) of the named modules over a decode of `latents`."""
     peaks: dict[str, torch.Tensor] = {}
 
     def record(name):
         def hook(module, args, output):
-            peak = torch.nan_to_num(output.detach().abs().amax(dim=(0, 2, 3)).float(), nan=math.inf)
+            others = [d for d in range(output.dim()) if d != 1]
+            peak = torch.nan_to_num(output.detach().abs().amax(dim=others).float(), nan=math.inf)
             peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
         return hook
     handles = [vae.get_submodule(name).register_forward_hook(record(name)) for name in norms]
@@ -498,46 +512,62 @@ def _channel_peaks(vae: nn.Module, latents: torch.Tensor, norms: list[str]) -> d
     return peaks
 
 
-def _channel_scales(peaks: torch.Tensor, target: float) -> torch.Tensor:
-    """Per channel, _power_of_two_down of its peak."""
+def _channel_scales(peaks: torch.Tensor, target: float, threshold: float | None = None) -> torch.Tensor:
+    """Per channel, _power_of_two_down of its peak, for the channels above threshold (default: target)."""
     if not bool(peaks.isfinite().all()):
         raise ValueError("an activation is not finite even in fp32: no rescaling can fix that")
     steps = torch.ceil(torch.log2(peaks.clamp_min(1e-30) / target)).clamp_min(0)
+    steps[peaks <= (target if threshold is None else threshold)] = 0
     return torch.exp2(-steps)
 
 
-def rescale_through_silu(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Tensor | None = None) -> tuple:
-    """A copy of `vae` in which each decoder GroupNorm channel whose affine output, read by a SiLU, exceeds `target`
-    has its scale and shift divided by a power of two and the next conv's weights on that channel multiplied by it;
-    and a dict of what was scaled and how far the fp32 output moved (not exact: silu(x c) / c differs from silu(x)
-    by up to 0.28 / c near x = -1.28 / c, so the cost is small when the overflowing values sit far from zero).
+def _scale_norm_outputs(model: nn.Module, paths: list[NormPath], peaks: dict, target: float,
+                        threshold: float | None = None) -> dict:
+    """Each path's channels above threshold (default: target) scaled down by powers of two to target or below (the
+    GroupNorm's weight and bias) and its readers' weights on them up, in place; returns what was scaled, by norm."""
+    scaled = {}
+    with torch.no_grad():
+        for path in paths:
+            scales = _channel_scales(peaks[path.norm], target, threshold)
+            if bool((scales == 1).all()):
+                continue
+            norm = model.get_submodule(path.norm)
+            norm.weight.mul_(scales.to(norm.weight))
+            norm.bias.mul_(scales.to(norm.bias))
+            for reader in path.readers:  # (out, in, ...) weights: the input channels are dimension 1
+                weight = model.get_submodule(reader).weight
+                weight.div_(scales.to(weight).view(1, -1, *[1] * (weight.dim() - 2)))
+            scaled[path.norm] = dict(readers=list(path.readers), through_silu=path.through_silu,
+                                     channels=int((scales < 1).sum()), smallest_scale=float(scales.min()))
+    return scaled
+
+
+def rescale_through_silu(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Tensor | None = None,
+                         threshold: float | None = None) -> tuple:
+    """A copy of `vae` in which each decoder GroupNorm channel whose affine output, read by a SiLU, exceeds
+    `threshold` (default: `target`) has its scale and shift divided by a power of two that brings it to `target` or
+    below, and the next conv's weights on that channel multiplied by it; and a dict of what was scaled and how far
+    the fp32 output moved (not exact: silu(x c) / c differs from silu(x) by up to 0.28 / c near x = -1.28 / c, so
+    the cost is small when the overflowing values sit far from zero). A target below the threshold trades some of
+    that cost for larger weights in the conv: weights below 2^-14 lose bits in fp16.
     Measured on `images` ([-1, 1]) or random latents, as rescale_exact; the encoder is never touched."""
     _check_rescalable(vae)
     reference = _copy_as(vae, torch.float32)
     latents = _probe_latents(reference, images)
-    paths = silu_paths(reference)
+    paths = [path for path in norm_paths(reference) if path.through_silu]
     peaks = _channel_peaks(reference, latents, [path.norm for path in paths])
     before, decoded = _decoder_maxima(reference, latents)
-    model, scaled = copy.deepcopy(vae), {}
-    with torch.no_grad():
-        for path in paths:
-            scales = _channel_scales(peaks[path.norm], target)
-            if bool((scales == 1).all()):
-                continue
-            norm, conv = model.get_submodule(path.norm), model.get_submodule(path.conv)
-            norm.weight.mul_(scales.to(norm.weight))
-            norm.bias.mul_(scales.to(norm.bias))
-            conv.weight.div_(scales.to(conv.weight).view(1, -1, 1, 1))
-            scaled[path.norm] = dict(conv=path.conv, channels=int((scales < 1).sum()),
-                                     smallest_scale=float(scales.min()))
-    result = dict(changed=bool(scaled), target=target, scaled=scaled, largest_before=_largest_of(before))
+    model = copy.deepcopy(vae)
+    scaled = _scale_norm_outputs(model, paths, peaks, target, threshold)
+    result = dict(changed=bool(scaled), target=target, threshold=threshold or target, scaled=scaled,
+                  largest_before=_largest_of(before))
     result.update(_outcome(model, latents, (before, decoded) if not scaled else None, decoded, target))
     return model, result
 
 
 # --- overflowing VAEs for tests and benchmarks ---------------------------------------------------------------------
 
-OVERFLOW_KINDS = ("before-norm", "residual", "attention", "query-key", "norm-affine")
+OVERFLOW_KINDS = ("before-norm", "residual", "attention", "query-key", "attention-norm", "norm-affine")
 
 
 def _small_vae(seed: int) -> AutoencoderKL:
@@ -570,10 +600,11 @@ def _overflow_attention(vae: nn.Module, maxima: dict[str, float], factors: dict)
 
 
 def overflowing_vae(kind: str, seed: int = 0, base: AutoencoderKL | None = None) -> AutoencoderKL:
-    """A small random-init AutoencoderKL (or a copy of `base`) whose fp16 decode is not finite. Four kinds keep the
+    """A small random-init AutoencoderKL (or a copy of `base`) whose fp16 decode is not finite. Five kinds keep the
     base's fp32 output (up to rounding), and rescale_exact undoes them: "before-norm" (decoder conv1s scaled up, read
     only through norm2), "residual" (the decoder's residual stream scaled up), "attention" (the mid-block's value
-    path scaled up, to_out down), "query-key" (its queries scaled up, keys down). "norm-affine" is a VAE of its own:
+    path scaled up, to_out down), "query-key" (its queries scaled up, keys down), "attention-norm" (its group_norm's
+    scale and shift up, to_q/to_k/to_v weights down). "norm-affine" is a VAE of its own:
     the first mid-block resnet's norm2 scale and shift multiplied up and its conv2 down, so its SiLU works on values
     past fp16's range (nearly a ReLU there): no identity moves that; rescale_through_silu nearly does."""
     if kind not in OVERFLOW_KINDS:
@@ -594,6 +625,12 @@ def overflowing_vae(kind: str, seed: int = 0, base: AutoencoderKL | None = None)
     elif kind == "query-key":
         name = "decoder.mid_block.attentions.0"
         _scale_query_key(vae, {name: _power_of_two_up(maxima[f"{name}.to_q"], NORMALISED_MARGIN)}, factors)
+    elif kind == "attention-norm":
+        name = "decoder.mid_block.attentions.0"
+        attention, scale = vae.get_submodule(name), _power_of_two_up(maxima[f"{name}.group_norm"], NORMALISED_MARGIN)
+        _scale_layer(attention.group_norm, f"{name}.group_norm", scale, scale, factors)
+        for reader in ("to_q", "to_k", "to_v"):  # linear in the normalised input: the weights take the scale back
+            _scale_layer(getattr(attention, reader), f"{name}.{reader}", 1.0 / scale, 1.0, factors)
     else:
         name = "decoder.mid_block.resnets.0"
         resnet, scale = vae.get_submodule(name), _power_of_two_up(maxima[f"{name}.norm2"], NORMALISED_MARGIN)

@@ -2,8 +2,9 @@
 
 fp16-fix changes the decoder only, so the encoder stays bit-identical and cached latents and diffusion models
 trained on them stay valid. Three stages, each only while the fp16 decode is still outside the bound:
-1. exact rescaling (sdvae.fp16.rescale_exact): activations that GroupNorms make scale-free, an attention's values
-   and its queries against its keys are brought below the margin by powers of two; the output is unchanged;
+1. exact rescaling (sdvae.fp16.rescale_exact): activations that GroupNorms make scale-free, an attention's values,
+   its queries against its keys and its group_norm's output against the layers that read it are brought below the
+   margin by powers of two; the output is unchanged;
 2. rescaling through the SiLUs (sdvae.fp16.rescale_through_silu): a GroupNorm channel whose affine output overflows
    on its way into a SiLU is scaled down by a power of two and the next conv's weights on it up; silu is nearly
    linear (or zero) that far from zero, so the fp32 output moves little, and by how much is measured;
@@ -38,6 +39,7 @@ MARGIN = FP16_MAX / 8  # what rescaling aims below: it is exact, so it takes all
 FINE_TUNE_LIMIT = FP16_MAX / 2  # what the fine-tune penalises above: each step down costs fidelity
 # The blocks a fine-tune trains: those holding a layer still above the margin (others stay as they are).
 BLOCK = re.compile(r"^decoder\.(?:mid_block|up_blocks\.\d+)\.(?:resnets|attentions|upsamplers)\.\d+")
+SILU_AIMS = 4  # rescaling through SiLUs tries MARGIN, MARGIN / 4, / 16 and / 64, while the fp16 decode improves
 SHOWN_ROWS = 12  # layers printed: those with the least headroom
 
 
@@ -132,8 +134,8 @@ def fp16_fix_command(source: str, out: str | Path, data: str | None = None, chec
                      silu_target: float = MARGIN) -> dict:
     """Rescale exactly, then through the SiLUs, then fine-tune, each only while the fp16 decode is still outside the
     bound; export to out/vae (and out/vae.safetensors for the SD architecture) and write fp16-report.json with the
-    figures before and after; returns that report. `silu_target`: where the SiLU rescaling aims (lower: smaller
-    activations, a larger fp32 cost)."""
+    figures before and after; returns that report. `silu_target`: where the SiLU rescaling aims first (then a
+    quarter, and so on, while the fp16 decode gets closer; tests aim it low to make the fine-tune act)."""
     original = load_kl_vae(source)
     out = prepare_output_folder(out, "fp16-fix", overwrite)
     held_out = check_images(check_data, resolution, max_images)
@@ -168,18 +170,36 @@ def repair(original, held_out: torch.Tensor, result: dict, silu_target: float, t
     check = fp16_check(final, held_out, reference=original)
     if not check["force_upcast"]:
         return final, check
-    final, result["silu_rescale"] = rescale_through_silu(final, silu_target, held_out)
+    final, result["silu_rescale"], check = rescale_through_silu_best(final, original, held_out, silu_target)
     result["stages"].append("rescaling through SiLUs (approximate)")
-    check = fp16_check(final, held_out, reference=original)
     if not check["force_upcast"] or train is None:
         return final, check
     silu = result["silu_rescale"]  # train where layers still overflow and where the SiLU rescaling cost fidelity
-    touched = [name for norm, scaled in silu["scaled"].items() for name in (norm, scaled["conv"])]
+    touched = [name for norm, scaled in silu["scaled"].items() for name in (norm, *scaled["readers"])]
     trained = train(final, blocks_to_train(final, silu["still_above_target"] + touched))
     trained_check = fp16_check(trained, held_out, reference=original)
     kept = closer(trained_check, check)
     result["stages"].append(f"fine-tune{'' if kept else ' (not kept: it got no closer)'}")
     return (trained, trained_check) if kept else (final, check)
+
+
+def rescale_through_silu_best(vae, original, held_out: torch.Tensor, target: float) -> tuple:
+    """rescale_through_silu of the channels above MARGIN, aimed at target, target / 4, ... while the fp16 decode of
+    held_out gets closer to the original's fp32 one: a lower aim costs fp32 accuracy at the SiLU but keeps the next
+    conv's weights out of fp16's subnormals. Returns (VAE, its result with the aims tried, its fp16 check)."""
+    best, tried = None, []
+    for aim in [target / 4 ** k for k in range(SILU_AIMS)]:
+        model, info = rescale_through_silu(vae, aim, held_out, threshold=MARGIN)
+        check = fp16_check(model, held_out, reference=original)
+        tried.append(dict(target=aim, fp32_diff_levels=info["fp32_diff_levels"], nonfinite=check["nonfinite"],
+                          fp16_diff_levels=check["max_abs_diff"] * LEVELS))
+        if best is not None and not closer(check, best[2]):
+            break
+        best = (model, info, check)
+        if not info["changed"]:  # nothing above the margin: a lower aim would change nothing either
+            break
+    best[1]["aims"] = tried
+    return best
 
 
 def closer(candidate: dict, incumbent: dict) -> bool:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdvae.images import load_photo
 from sdvae.fp16 import (FP16_MAX, ActivationMaxima, _small_vae, fp16_report, overflowing_vae, rescale_exact,
-                        rescale_through_silu, silu_paths)
+                        norm_paths, rescale_through_silu)
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea")
 SIZE = 32  # fp16 convolutions on a CPU are slow: small photos keep the file fast
@@ -95,7 +95,7 @@ def test_report_rows_follow_execution_order_with_the_stream_containers(photos):
     assert report["largest"]["decoder"] == dict(name=top["name"], max_abs=top["max_abs"])
 
 
-@pytest.mark.parametrize("kind", ["before-norm", "residual", "attention", "query-key"])
+@pytest.mark.parametrize("kind", ["before-norm", "residual", "attention", "query-key", "attention-norm"])
 def test_overflowing_vae_keeps_fp32_output_but_fails_in_fp16(kind, photos):
     base, vae = _small_vae(0), overflowing(kind)
     latents = latents_of(base, photos)
@@ -114,11 +114,13 @@ def test_overflowing_vae_keeps_fp32_output_but_fails_in_fp16(kind, photos):
         assert not [name for name in over if UNSCALABLE.search(name) or name.endswith("conv1")]
     elif kind == "attention":
         assert over == ["decoder.mid_block.attentions.0.to_v"]
-    else:
+    elif kind == "query-key":
         assert over == ["decoder.mid_block.attentions.0.to_q"]
+    else:
+        assert over == ["decoder.mid_block.attentions.0.group_norm"]
 
 
-@pytest.mark.parametrize("kind", ["before-norm", "residual", "attention", "query-key"])
+@pytest.mark.parametrize("kind", ["before-norm", "residual", "attention", "query-key", "attention-norm"])
 def test_rescale_makes_the_fp16_decode_match_the_original(kind, photos):
     original = overflowing(kind)
     weights_before = copy.deepcopy(original.state_dict())
@@ -154,7 +156,7 @@ def test_rescaling_through_the_silu_fixes_a_norms_affine_output_at_a_measured_co
     rescaled, info = rescale_through_silu(exact, images=photos)
     assert_same_tensors(weights_before, exact.state_dict())  # the caller's VAE is left alone
     assert list(info["scaled"]) == ["decoder.mid_block.resnets.0.norm2"] and info["still_above_target"] == []
-    assert info["scaled"]["decoder.mid_block.resnets.0.norm2"]["conv"] == "decoder.mid_block.resnets.0.conv2"
+    assert info["scaled"]["decoder.mid_block.resnets.0.norm2"]["readers"] == ["decoder.mid_block.resnets.0.conv2"]
     assert info["largest_before"]["max_abs"] > FP16_MAX >= 8 * info["largest_after"]["max_abs"]
     assert_same_tensors(original.encoder.state_dict(), rescaled.encoder.state_dict())
     changed = {k for k, v in rescaled.state_dict().items() if not torch.equal(v, exact.state_dict()[k])}
@@ -176,8 +178,10 @@ def test_rescaling_through_the_silu_fixes_a_norms_affine_output_at_a_measured_co
 
 def test_rescaling_through_the_silu_leaves_a_vae_under_the_target_alone(photos):
     vae = small_vae()
-    paths = silu_paths(vae)
-    assert len(paths) == 2 * 6 + 1 and paths[-1].conv == "decoder.conv_out"  # 2 mid-block and 4 up-block resnets
+    paths = norm_paths(vae)
+    through_silu = [path for path in paths if path.through_silu]
+    assert len(through_silu) == 2 * 6 + 1 and paths[-1].readers == ("decoder.conv_out",)  # 2 mid, 4 up resnets
+    assert [path.norm for path in paths if not path.through_silu] == ["decoder.mid_block.attentions.0.group_norm"]
     rescaled, info = rescale_through_silu(vae, images=photos)
     assert info["changed"] is False and info["fp32_diff_levels"] == 0.0
     assert_same_tensors(vae.state_dict(), rescaled.state_dict())
