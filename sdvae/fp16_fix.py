@@ -146,7 +146,7 @@ def fp16_fix_command(source: str, out: str | Path, data: str | None = None, chec
     else:
         def train(start, modules):
             return fine_tune(start, source, out, data, steps, learning_rate, resolution, batch_size,
-                             dict(train_modules=",".join(modules) or None, **(overrides or {})))
+                             {"train_modules": ",".join(modules) or None, **(overrides or {})})
         final, check = repair(original, held_out, result, silu_target, train if steps > 0 else None)
     after = fp16_report(final, held_out)
     result.update(after=summary(after), check=check, force_upcast=check["force_upcast"],

@@ -105,6 +105,20 @@ def test_the_fine_tune_acts_where_rescaling_costs_too_much_and_the_export_says_h
     assert ("not fp16-safe yet" in capsys.readouterr().out) is (not within)
 
 
+@pytest.mark.slow
+def test_settings_given_to_the_fine_tune_override_its_own(tmp_path):
+    # KEY=VALUE on the command line: train_modules among them, which fp16-fix otherwise chooses
+    original = overflowing_vae("norm-affine")
+    original.save_pretrained(tmp_path / "source")
+    out = tmp_path / "fixed"
+    fp16_fix_command(str(tmp_path / "source"), out, resolution=SIDE, steps=2, silu_target=24.0,
+                     overrides={"train_modules": "decoder.up_blocks.1", "log_every": 1})
+    start = AutoencoderKL.from_pretrained(out / "rescaled")
+    trained = AutoencoderKL.from_pretrained(out / "fine-tune" / "vae")
+    changed = {k for k, v in trained.state_dict().items() if not torch.equal(v, start.state_dict()[k])}
+    assert changed and all(k.startswith("decoder.up_blocks.1.") for k in changed)
+
+
 def test_a_safe_vae_is_reported_safe_and_left_bit_identical(tmp_path, capsys):
     vae = build_vae("tiny")
     original, out = fix(tmp_path, vae)
