@@ -219,8 +219,8 @@ def add_fp16(command, parents) -> None:
     fix.add_argument("--data", help="images for the fine-tune (default: the embedded photos, minus the check strips)")
     fix.add_argument("--check-data", help="held-out check images (default: the embedded photos' held-out squares)")
     fix.add_argument("--steps", type=int, default=300, help="fine-tune steps, if one is needed (default 300)")
-    fix.add_argument("--learning-rate", type=float, default=1e-2,
-                     help="relative to each tensor's size (relative_lr; default 1e-2)")
+    fix.add_argument("--learning-rate", type=float, default=5e-3,
+                     help="relative to each tensor's size (relative_lr; default 5e-3)")
     fix.add_argument("--batch-size", type=int, default=4, help="fine-tune batch (default 4)")
     fix.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more training settings for the fine-tune")
 

@@ -8,8 +8,8 @@ trained on them stay valid. Three stages, each only while the fp16 decode is sti
 2. rescaling through the SiLUs (sdvae.fp16.rescale_through_silu): a GroupNorm channel whose affine output overflows
    on its way into a SiLU is scaled down by a power of two and the next conv's weights on it up; silu is nearly
    linear (or zero) that far from zero, so the fp32 output moves little, and by how much is measured;
-3. a short fine-tune through the training loop of the blocks that still hold a layer above the margin or that
-   stage 2 changed, with the original VAE's decode of the same latents as the target (output_reference),
+3. a short fine-tune through the training loop of the blocks that still hold a layer above the margin and of the
+   layers stage 2 changed, with the original VAE's decode of the same latents as the target (output_reference),
    activations above half of fp16's range penalised (activation_weight), and each tensor learning at a rate
    relative to its own size (relative_lr); kept only if its fp16 decode is closer to the original's.
 The result is exported with force_upcast false only when its fp16 decode of held-out photos is finite and within
@@ -129,7 +129,7 @@ def encoder_identical(a, b) -> bool:
 
 
 def fp16_fix_command(source: str, out: str | Path, data: str | None = None, check_data: str | None = None,
-                     steps: int = 300, learning_rate: float = 1e-2, resolution: int = 128, batch_size: int = 4,
+                     steps: int = 300, learning_rate: float = 5e-3, resolution: int = 128, batch_size: int = 4,
                      max_images: int = 8, overrides: dict | None = None, overwrite: bool = False,
                      silu_target: float = MARGIN) -> dict:
     """Rescale exactly, then through the SiLUs, then fine-tune, each only while the fp16 decode is still outside the
@@ -171,12 +171,11 @@ def repair(original, held_out: torch.Tensor, result: dict, silu_target: float, t
     if not check["force_upcast"]:
         return final, check
     final, result["silu_rescale"], check = rescale_through_silu_best(final, original, held_out, silu_target)
-    result["stages"].append("rescaling through SiLUs (approximate)")
+    result["stages"].append("rescaling through SiLUs (approximate)" if result["silu_rescale"]["changed"] else
+                            "rescaling through SiLUs: no channel above the margin")
     if not check["force_upcast"] or train is None:
         return final, check
-    silu = result["silu_rescale"]  # train where layers still overflow and where the SiLU rescaling cost fidelity
-    touched = [name for norm, scaled in silu["scaled"].items() for name in (norm, *scaled["readers"])]
-    trained = train(final, blocks_to_train(final, silu["still_above_target"] + touched))
+    trained = train(final, modules_to_train(final, result["silu_rescale"]))
     trained_check = fp16_check(trained, held_out, reference=original)
     kept = closer(trained_check, check)
     result["stages"].append(f"fine-tune{'' if kept else ' (not kept: it got no closer)'}")
@@ -213,6 +212,15 @@ def closer(candidate: dict, incumbent: dict) -> bool:
 def summary(report: dict) -> dict:
     return {k: report[k] for k in ("decode_finite", "encode_finite", "decode_max_diff_levels", "largest", "safe",
                                     "images", "size")}
+
+
+def modules_to_train(vae, silu: dict) -> list[str]:
+    """The blocks that still hold a layer above the margin, and the layers the SiLU rescaling changed (each norm and
+    the convs reading it): those alone learn back the fidelity it cost, which trains better than their whole blocks
+    (on the test VAEs, 2.9-5.7 levels after 300 steps where the blocks reached 6.5-9.7)."""
+    blocks = blocks_to_train(vae, silu["still_above_target"])
+    touched = [name for norm, scaled in silu["scaled"].items() for name in (norm, *scaled["readers"])]
+    return blocks + [name for name in touched if not any(name.startswith(block + ".") for block in blocks)]
 
 
 def blocks_to_train(vae, names: list[str]) -> list[str]:
