@@ -433,15 +433,15 @@ def rescale_exact(vae: nn.Module, target: float = FP16_MAX / 8, images: torch.Te
     _check_rescalable(vae)
     reference = _copy_as(vae, torch.float32)
     latents = _probe_latents(reference, images)
-    before, decoded = _decoder_maxima(reference, latents)
+    linear = [path for path in norm_paths(reference) if not path.through_silu]
+    before, decoded, peaks = _measure(reference, latents, [path.norm for path in linear])
     plan = _plan(reference, before, target)
     model, factors = copy.deepcopy(vae), {}
     _scale_stream(model, [stage["scale"] for stage in plan["stages"]], plan["latent_scale"], factors)
     _scale_before_norm(model, plan["conv1"], factors)
     _scale_value_paths(model, plan["values"], factors)
     _scale_query_key(model, plan["queries"], factors)
-    linear = [path for path in norm_paths(reference) if not path.through_silu]
-    channels = _scale_norm_outputs(model, linear, _channel_peaks(reference, latents, [p.norm for p in linear]), target)
+    channels = _scale_norm_outputs(model, linear, peaks, target)
     changed = bool(factors or channels)
     result = dict(changed=changed, target=target, factors=factors, channels=channels, stages=plan["stages"],
                   latent_scale=plan["latent_scale"], largest_before=_largest_of(before))
@@ -492,8 +492,9 @@ def _affine_group_norm(module: nn.Module | None) -> bool:
     return isinstance(module, nn.GroupNorm) and module.affine
 
 
-def _channel_peaks(vae: nn.Module, latents: torch.Tensor, norms: list[str]) -> dict[str, torch.Tensor]:
-    """max |output| of each channel (dimension 1) of the named modules over a decode of `latents`."""
+def _measure(reference: nn.Module, latents: torch.Tensor, norms: list[str]) -> tuple:
+    """One fp32 decode of `latents`: (each decoder module's max |output|, the decode, max |output| of each channel
+    (dimension 1) of the named norms)."""
     peaks: dict[str, torch.Tensor] = {}
 
     def record(name):
@@ -502,14 +503,13 @@ def _channel_peaks(vae: nn.Module, latents: torch.Tensor, norms: list[str]) -> d
             peak = torch.nan_to_num(output.detach().abs().amax(dim=others).float(), nan=math.inf)
             peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
         return hook
-    handles = [vae.get_submodule(name).register_forward_hook(record(name)) for name in norms]
+    handles = [reference.get_submodule(name).register_forward_hook(record(name)) for name in norms]
     try:
-        with torch.no_grad():
-            vae.decode(latents)
+        maxima, decoded = _decoder_maxima(reference, latents)
     finally:
         for handle in handles:
             handle.remove()
-    return peaks
+    return maxima, decoded, peaks
 
 
 def _channel_scales(peaks: torch.Tensor, target: float, threshold: float | None = None) -> torch.Tensor:
@@ -551,18 +551,25 @@ def rescale_through_silu(vae: nn.Module, target: float = FP16_MAX / 8, images: t
     the cost is small when the overflowing values sit far from zero). A target below the threshold trades some of
     that cost for larger weights in the conv: weights below 2^-14 lose bits in fp16.
     Measured on `images` ([-1, 1]) or random latents, as rescale_exact; the encoder is never touched."""
+    return next(rescalings_through_silu(vae, [target], images, threshold))
+
+
+def rescalings_through_silu(vae: nn.Module, targets, images: torch.Tensor | None = None,
+                            threshold: float | None = None):
+    """rescale_through_silu's (model, result) for each target in turn, from one measurement of `vae`, made only as
+    the caller asks for the next (threshold default: each target)."""
     _check_rescalable(vae)
     reference = _copy_as(vae, torch.float32)
     latents = _probe_latents(reference, images)
     paths = [path for path in norm_paths(reference) if path.through_silu]
-    peaks = _channel_peaks(reference, latents, [path.norm for path in paths])
-    before, decoded = _decoder_maxima(reference, latents)
-    model = copy.deepcopy(vae)
-    scaled = _scale_norm_outputs(model, paths, peaks, target, threshold)
-    result = dict(changed=bool(scaled), target=target, threshold=threshold or target, scaled=scaled,
-                  largest_before=_largest_of(before))
-    result.update(_outcome(model, latents, (before, decoded) if not scaled else None, decoded, target))
-    return model, result
+    before, decoded, peaks = _measure(reference, latents, [path.norm for path in paths])
+    for target in targets:
+        model = copy.deepcopy(vae)
+        scaled = _scale_norm_outputs(model, paths, peaks, target, threshold)
+        result = dict(changed=bool(scaled), target=target, threshold=target if threshold is None else threshold,
+                      scaled=scaled, largest_before=_largest_of(before))
+        result.update(_outcome(model, latents, (before, decoded) if not scaled else None, decoded, target))
+        yield model, result
 
 
 # --- overflowing VAEs for tests and benchmarks ---------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .config import load_config
 from .demo import holdout_squares, prepare_data
 from .export import fp16_check, save_diffusers, save_single_file, ui_incompatibility
 from .files import atomic_json, atomic_write, prepare_output_folder, printable, record_output
-from .fp16 import FP16_MAX, LEVELS, fp16_report, rescale_exact, rescale_through_silu
+from .fp16 import FP16_MAX, LEVELS, fp16_report, rescale_exact, rescalings_through_silu
 from .images import IMAGE_EXTENSIONS, open_image, pixels_to_tensor, resize_crop
 from .inputs import list_images
 from .sources import load_pretrained_vae
@@ -170,7 +170,7 @@ def repair(original, held_out: torch.Tensor, result: dict, silu_target: float, t
     check = fp16_check(final, held_out, reference=original)
     if not check["force_upcast"]:
         return final, check
-    final, result["silu_rescale"], check = rescale_through_silu_best(final, original, held_out, silu_target)
+    final, result["silu_rescale"], check = rescale_through_silu_best(final, original, held_out, silu_target, check)
     result["stages"].append("rescaling through SiLUs (approximate)" if result["silu_rescale"]["changed"] else
                             "rescaling through SiLUs: no channel above the margin")
     if not check["force_upcast"] or train is None:
@@ -182,21 +182,22 @@ def repair(original, held_out: torch.Tensor, result: dict, silu_target: float, t
     return (trained, trained_check) if kept else (final, check)
 
 
-def rescale_through_silu_best(vae, original, held_out: torch.Tensor, target: float) -> tuple:
+def rescale_through_silu_best(vae, original, held_out: torch.Tensor, target: float, incumbent: dict) -> tuple:
     """rescale_through_silu of the channels above MARGIN, aimed at target, target / 4, ... while the fp16 decode of
     held_out gets closer to the original's fp32 one: a lower aim costs fp32 accuracy at the SiLU but keeps the next
-    conv's weights out of fp16's subnormals. Returns (VAE, its result with the aims tried, its fp16 check)."""
+    conv's weights out of fp16's subnormals. `incumbent`: vae's own fp16 check. Returns (VAE, its result with the
+    aims tried, its fp16 check)."""
     best, tried = None, []
-    for aim in [target / 4 ** k for k in range(SILU_AIMS)]:
-        model, info = rescale_through_silu(vae, aim, held_out, threshold=MARGIN)
+    for model, info in rescalings_through_silu(vae, [target / 4 ** k for k in range(SILU_AIMS)], held_out, MARGIN):
+        if not info["changed"]:  # nothing above the margin: no aim changes anything, and vae's check stands
+            best = (model, info, incumbent)
+            break
         check = fp16_check(model, held_out, reference=original)
-        tried.append(dict(target=aim, fp32_diff_levels=info["fp32_diff_levels"], nonfinite=check["nonfinite"],
-                          fp16_diff_levels=check["max_abs_diff"] * LEVELS))
+        tried.append(dict(target=info["target"], fp32_diff_levels=info["fp32_diff_levels"],
+                          nonfinite=check["nonfinite"], fp16_diff_levels=check["max_abs_diff"] * LEVELS))
         if best is not None and not closer(check, best[2]):
             break
         best = (model, info, check)
-        if not info["changed"]:  # nothing above the margin: a lower aim would change nothing either
-            break
     best[1]["aims"] = tried
     return best
 
